@@ -1,0 +1,222 @@
+"""``cpgan`` command line: run the pipeline, single stages, data generation, generation, evaluation.
+
+Every command prints one line ``error: ...`` and exits with status 2 on a user error (bad config key,
+missing file, wrong weights); set ``CPGAN_DEBUG=1`` to see the traceback instead.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from . import __version__
+
+EPILOG = """examples:
+  cpgan demo                                   the whole chain on the shapes world, then a report
+  cpgan run shapes-quick --out runs/q          every stage of a preset (finished stages are reused)
+  cpgan run shapes-quick --out runs/q --set gan.batch_size=16 --stages damsm,gan
+  cpgan damsm shapes-quick --out runs/q        one stage as its own command
+  cpgan data shapes --out data/shapes --size 64 --n-train 8000 --n-test 1000 --seed 0
+  cpgan config shapes-quick --set model.cond_disc=fgcd   print the resolved config
+"""
+
+
+def _add_config_args(p: argparse.ArgumentParser, config_required: bool = True) -> None:
+    p.add_argument("config", nargs=None if config_required else "?",
+                   help="preset name (see `cpgan presets`) or a YAML file")
+    p.add_argument("--out", "-o", default=None, help="run directory (default: runs/<preset>)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set gan.batch_size=8 (repeatable)")
+    p.add_argument("--force", action="store_true", help="re-run even if the stage is up to date")
+
+
+def _run_dir(args, cfg) -> Path:
+    if args.out:
+        return Path(args.out)
+    name = Path(args.config).stem if args.config else cfg.name
+    return Path("runs") / name
+
+
+def _load(args):
+    from .config import load_config
+
+    return load_config(args.config, args.overrides)
+
+
+def cmd_run(args) -> int:
+    from .stages.base import run_stages
+
+    cfg = _load(args)
+    only = [s.strip() for s in args.stages.split(",")] if args.stages else None
+    res = run_stages(cfg, _run_dir(args, cfg), only=only, force=args.force)
+    return 0 if all(r.get("status") != "interrupted" for r in res.values()) else 130
+
+
+def cmd_stage(args) -> int:
+    from .stages.base import run_stages
+
+    cfg = _load(args)
+    res = run_stages(cfg, _run_dir(args, cfg), only=[args.command], force=args.force, strict_upstream=False)
+    return 0 if all(r.get("status") != "interrupted" for r in res.values()) else 130
+
+
+def cmd_data(args) -> int:
+    from .data import shapes
+
+    if args.kind != "shapes":
+        raise SystemExit("error: only `cpgan data shapes` generates data; other sources are indexed by the data stage")
+    t0 = time.time()
+    shapes.write_dataset(Path(args.out), size=args.size, n_train=args.n_train, n_test=args.n_test,
+                         n_test_novel=args.n_test_novel, seed=args.seed, progress=True)
+    print(f"wrote the shapes world ({args.n_train}/{args.n_test}/{args.n_test_novel} images at {args.size} px) "
+          f"to {args.out} in {time.time() - t0:.1f} s")
+    return 0
+
+
+def cmd_config(args) -> int:
+    from .config import dump_yaml, valid_keys
+
+    if args.keys:
+        print("\n".join(valid_keys()))
+        return 0
+    if not args.config:
+        raise SystemExit("error: give a preset or YAML file (or --keys)")
+    print(dump_yaml(_load(args)), end="")
+    return 0
+
+
+def cmd_presets(args) -> int:  # noqa: ARG001
+    from .config import config_dir, list_presets
+
+    for p in list_presets():
+        first = (config_dir() / f"{p}.yaml").read_text().splitlines()[0].lstrip("# ")
+        print(f"{p:16s} {first}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .config import load_config
+    from .stages.base import registry, run_stages
+    from .utils.logging import echo
+
+    cfg = load_config(args.config, args.overrides)
+    stages = registry(include_missing=True)
+    missing = [n for n, s in stages.items() if s is None]
+    t0 = time.time()
+    res = run_stages(cfg, Path(args.out))
+    echo("")
+    echo(f"[cpgan] demo run in {args.out} ({time.time() - t0:.0f} s this time)")
+    for name, r in res.items():
+        secs = r.get("seconds")
+        echo(f"  {name:10s} {r.get('status', '?'):12s}" + (f" {secs:7.1f} s" if secs is not None else ""))
+    if missing:
+        echo(f"[cpgan] not implemented yet, so not run: {', '.join(missing)}")
+    report = Path(args.out) / "report.html"
+    if report.exists():
+        echo(f"[cpgan] report: {report.resolve()}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .stages.base import PIPELINE
+
+    p = argparse.ArgumentParser(
+        prog="cpgan", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+        description="CPGAN (Content-Parsing GAN, arXiv 1912.08562): train every stage, sample, evaluate, serve.")
+    p.add_argument("--version", action="version", version=f"cpgan {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    sp = sub.add_parser("demo", help="run the whole chain on the shapes world (shapes-quick) and write a report")
+    sp.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo)")
+    sp.add_argument("--config", default="shapes-quick", help="preset or YAML (default: shapes-quick)")
+    sp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    sp.set_defaults(func=cmd_demo)
+
+    sp = sub.add_parser("run", help="run the pipeline (or --stages a,b) for a config; finished stages are reused")
+    _add_config_args(sp)
+    sp.add_argument("--stages", default="", help=f"comma-separated subset of: {','.join(PIPELINE)}")
+    sp.set_defaults(func=cmd_run)
+
+    helps = {
+        "data": "generate the shapes world / index a data set (`cpgan data shapes --out DIR ...` writes a "
+                "shapes world to any folder; see `cpgan data shapes --help`)", "vocab": "build the vocabulary, cache caption ids",
+        "evaluator": "train the shapes-world judge (semantic accuracy, FID/IS features)",
+        "detector": "train/load the YOLOv3 detector and write region features",
+        "captioner": "train the Bottom-Up/Top-Down captioner on region features",
+        "memory": "build the word memory bank, eq. (7)", "damsm": "pretrain the DAMSM text/image encoders",
+        "gan": "train the generator and discriminators", "evaluate": "compute every metric (and the real ceiling)",
+    }
+    for name in PIPELINE:
+        sp = sub.add_parser(name, help=f"stage: {helps[name]}")
+        _add_config_args(sp)
+        sp.set_defaults(func=cmd_stage)
+
+    sp = sub.add_parser("config", help="print the resolved config of a preset (or --keys: every valid key)")
+    sp.add_argument("config", nargs="?")
+    sp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    sp.add_argument("--keys", action="store_true", help="list every valid dotted key")
+    sp.set_defaults(func=cmd_config)
+
+    sp = sub.add_parser("presets", help="list the presets in configs/")
+    sp.set_defaults(func=cmd_presets)
+
+    _add_optional_commands(sub)
+    return p
+
+
+def _add_optional_commands(sub) -> None:
+    """Commands whose modules register themselves (generate, evaluate-run, import-official, serve, ablate)."""
+    from importlib import import_module
+
+    for mod in ("cpgan.commands",):
+        try:
+            m = import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name != mod:
+                raise
+            continue
+        m.register(sub)
+
+
+def _data_command(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="cpgan data", description="generate the built-in shapes world on disk")
+    p.add_argument("kind", choices=["shapes"])
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--size", type=int, default=64, choices=[32, 64, 128, 256], help="image size in pixels")
+    p.add_argument("--n-train", type=int, default=8000)
+    p.add_argument("--n-test", type=int, default=1000)
+    p.add_argument("--n-test-novel", type=int, default=500)
+    p.add_argument("--seed", type=int, default=0)
+    return cmd_data(p.parse_args(argv))
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    from .config import ConfigError
+    from .data.sources import DataSourceError
+    from .stages.base import StageError
+
+    errors: tuple = (ConfigError, StageError, DataSourceError, FileNotFoundError, PermissionError)
+    try:
+        if argv and argv[0] == "data" and len(argv) > 1 and argv[1] == "shapes":
+            return _data_command(argv[1:])
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if not getattr(args, "func", None):
+            parser.print_help()
+            return 0
+        return int(args.func(args) or 0)
+    except errors as e:
+        if os.environ.get("CPGAN_DEBUG"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,447 @@
+"""One typed configuration tree for every stage (DESIGN §2, §7).
+
+A run is described by a :class:`Config`: YAML presets in ``configs/`` fill it in, dotted overrides on the
+command line (``--set gan.batch_size=8``) adjust it, and the resolved tree is written to the run directory.
+Unknown keys are errors that name the nearest valid key; values are checked against the field types.
+
+Stages read only the sections they declare (``stages.base.Stage.config_keys``), and the hash of those
+sections decides whether a finished stage can be reused.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem the user can fix (bad key, bad value, unknown preset)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class DataConfig:
+    """Where the images and captions come from (DESIGN §2, §5)."""
+
+    source: str = "shapes"
+    """``shapes`` (built-in synthetic world), ``coco`` (raw MS-COCO 2014 layout), ``attngan`` (the
+    AttnGAN/CPGAN layout: captions.pickle, train|test/filenames.pickle, text/, images/) or ``folder``
+    (images with same-named .txt files, or a JSONL manifest)."""
+    root: str = ""
+    """Data set folder. For ``shapes`` an empty root means: generate into ``RUN_DIR/data``."""
+    image_size: int = 64
+    """Largest (final) image resolution; lower stage resolutions are derived from it."""
+    n_train: int = 8000
+    n_test: int = 1000
+    n_test_novel: int = 500
+    seed: int = 0
+    captions_per_image: int = 5
+    augment: bool = False
+    """AttnGAN augmentation (resize to 76/64 of the size, random crop, horizontal flip). Off for the shapes
+    world, whose captions name left/right relations and whose judge needs whole objects."""
+    test_fraction: float = 0.1
+    """``folder`` source without explicit splits: share of images (by key hash) put in ``test``."""
+    manifest: str = ""
+    """``folder`` source: optional JSONL manifest (``{"image": ..., "captions": [...], "split": ...}``)."""
+    max_images: int = 0
+    """Use at most this many images per split (0 = all); handy for smoke tests on large data sets."""
+    num_workers: int = 0
+
+
+@dataclass
+class TextConfig:
+    """Tokenisation and caption lengths (DESIGN §3.3: words per caption)."""
+
+    words_num: int = 20
+    """Maximum words per caption in GAN training (CPGAN release: 20). Longer captions are cut by a random
+    order-preserving subset, as AttnGAN does, in training only."""
+    eval_words_num: int = 20
+    min_count: int = 1
+
+
+@dataclass
+class ModelConfig:
+    """Architecture and ablation switches (DESIGN §3, §3.6)."""
+
+    text_encoder: str = "plain"
+    """``plain`` (AttnGAN RNN_ENCODER) or ``mate`` (Memory-Attended Text Encoder)."""
+    image_encoder: str = "grid"
+    """``grid`` (AttnGAN CNN_ENCODER) or ``oaie`` (Object-Aware Image Encoder)."""
+    cond_disc: str = "global"
+    """``global`` (AttnGAN conditional head) or ``fgcd`` (Fine-grained Conditional Discriminator)."""
+    embedding_dim: int = 256
+    word_dim: int = 300
+    memory_dim: int = 1024
+    z_dim: int = 100
+    condition_dim: int = 100
+    gf_dim: int = 48
+    df_dim: int = 96
+    r_num: int = 3
+    branch_num: int = 3
+    base_size: int = 64
+    """Resolution of the first stage; stage i has base_size * 2**i pixels."""
+    image_backbone: str = "small"
+    """Image-encoder trunk: ``small`` (CPU presets, trained whole) or ``inception`` (frozen Inception-v3)."""
+    image_backbone_width: int = 64
+    inception_weights: str = ""
+    """Local file with ImageNet Inception-v3 weights for the ``inception`` backbone (nothing is downloaded)."""
+    grid_size: int = 8
+    num_regions: int = 36
+    fgcd_patches: int = 4
+    spectral_norm: bool = True
+    released_mask_bug: bool = False
+    """Reproduce the released word-attention mask indexing (``mask.repeat(queryL, 1)``, DESIGN §4)."""
+
+
+@dataclass
+class EvaluatorConfig:
+    """The shapes-world judge (DESIGN §6): a grid detector independent of the project's detector."""
+
+    steps: int = 3000
+    max_minutes: float = 6.0
+    batch_size: int = 64
+    lr: float = 2e-3
+    width: int = 32
+    seed: int = 1234
+
+
+@dataclass
+class DetectorConfig:
+    """YOLOv3-style detector providing top-36 boxes and 1024-d region features (DESIGN §3.1, §3.2)."""
+
+    cfg: str = "configs/darknet/shapes-small.cfg"
+    weights: str = ""
+    """Darknet ``.weights`` file; when given, the detector is loaded instead of trained."""
+    input_size: int = 64
+    steps: int = 3000
+    max_minutes: float = 6.0
+    batch_size: int = 32
+    lr: float = 1e-3
+    conf_thresh: float = 0.05
+    nms_thresh: float = 0.45
+    feature_layer: int = -1
+    """Darknet layer index whose output feeds RoIAlign for region features (-1 = the cfg's default)."""
+    seed: int = 0
+
+
+@dataclass
+class CaptionerConfig:
+    """Bottom-Up/Top-Down captioner used to find each word's salient region (DESIGN §3.1)."""
+
+    embed_dim: int = 256
+    hidden_dim: int = 512
+    att_dim: int = 256
+    steps: int = 2000
+    max_minutes: float = 4.0
+    batch_size: int = 64
+    lr: float = 5e-4
+    seed: int = 0
+
+
+@dataclass
+class MemoryConfig:
+    """Word memory, eq. (7)."""
+
+    top_k: int = 10
+    """K: number of most relevant images whose salient regions are averaged per word."""
+    chunk_size: int = 256
+
+
+@dataclass
+class DamsmConfig:
+    """DAMSM pretraining of the text and image encoders (DESIGN §3.3, AttnGAN pretrain_DAMSM)."""
+
+    epochs: int = 600
+    max_minutes: float = 8.0
+    batch_size: int = 48
+    lr: float = 2e-3
+    lr_decay: float = 0.98
+    rnn_grad_clip: float = 0.25
+    words_num: int = 15
+    gamma1: float = 4.0
+    gamma2: float = 5.0
+    gamma3: float = 10.0
+    dropout: float = 0.5
+    seed: int = 0
+    text_weights: str = ""
+    """Optional AttnGAN ``text_encoder*.pth`` to start from / use frozen."""
+    image_weights: str = ""
+    """Optional AttnGAN ``image_encoder*.pth`` to start from / use frozen."""
+
+
+@dataclass
+class GanConfig:
+    """Generator/discriminator training (DESIGN §3.4–3.5)."""
+
+    steps: int = 100000
+    max_minutes: float = 15.0
+    batch_size: int = 32
+    lr_g: float = 2e-4
+    lr_d: float = 2e-4
+    beta1: float = 0.5
+    beta2: float = 0.999
+    lambda_tiscl: float = 5.0
+    kl_weight: float = 1.0
+    ema_decay: float = 0.999
+    """EMA of the generator weights used for sampling (0 = off)."""
+    truncation: float = 1.0
+    checkpoint_every: int = 200
+    sample_every: int = 200
+    log_every: int = 20
+    seed: int = 0
+
+
+@dataclass
+class EvaluateConfig:
+    """Metrics (DESIGN §6)."""
+
+    n_images: int = 1000
+    batch_size: int = 50
+    truncation: float = 1.0
+    r_precision_folds: int = 10
+    inception_weights: str = ""
+    seed: int = 0
+
+
+@dataclass
+class Config:
+    """The whole tree. ``name`` labels the run; ``device`` is ``auto``, ``cpu`` or ``cuda[:N]``."""
+
+    name: str = "run"
+    device: str = "auto"
+    data: DataConfig = field(default_factory=DataConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    evaluator: EvaluatorConfig = field(default_factory=EvaluatorConfig)
+    detector: DetectorConfig = field(default_factory=DetectorConfig)
+    captioner: CaptionerConfig = field(default_factory=CaptionerConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    damsm: DamsmConfig = field(default_factory=DamsmConfig)
+    gan: GanConfig = field(default_factory=GanConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "data.source": ("shapes", "coco", "attngan", "folder"),
+    "model.text_encoder": ("plain", "mate"),
+    "model.image_encoder": ("grid", "oaie"),
+    "model.cond_disc": ("global", "fgcd"),
+    "model.image_backbone": ("small", "inception"),
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# Conversion, validation, overrides
+# --------------------------------------------------------------------------------------------------
+def to_dict(cfg: Any) -> dict:
+    """The config tree as plain nested dicts (JSON/YAML serialisable)."""
+    return dataclasses.asdict(cfg)
+
+
+def _all_keys(cls: type, prefix: str = "") -> list[str]:
+    keys = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        t = hints[f.name]
+        if dataclasses.is_dataclass(t):
+            keys.extend(_all_keys(t, prefix + f.name + "."))
+        else:
+            keys.append(prefix + f.name)
+    return keys
+
+
+def valid_keys() -> list[str]:
+    """Every dotted leaf key of :class:`Config`."""
+    return _all_keys(Config)
+
+
+def _unknown_key(key: str, candidates: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.5)
+    hint = f"; did you mean '{close[0]}'?" if close else "; run `cpgan config --keys` to list valid keys"
+    return ConfigError(f"unknown config key '{key}'{hint}")
+
+
+def _coerce(key: str, value: Any, typ: type) -> Any:
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0", "on", "off"):
+            return value.lower() in ("true", "yes", "1", "on")
+        raise ConfigError(f"config key '{key}' expects true/false, got {value!r}")
+    if typ is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (isinstance(value, float) and not value.is_integer()):
+            if isinstance(value, str):
+                try:
+                    return int(value)
+                except ValueError:
+                    pass
+            raise ConfigError(f"config key '{key}' expects an integer, got {value!r}")
+        return int(value)
+    if typ is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"config key '{key}' expects a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"config key '{key}' expects a number, got {value!r}") from None
+    if typ is str:
+        if value is None:
+            return ""
+        if not isinstance(value, (str, int, float)):
+            raise ConfigError(f"config key '{key}' expects a string, got {value!r}")
+        value = str(value)
+        if key in CHOICES and value not in CHOICES[key]:
+            raise ConfigError(f"config key '{key}' must be one of {', '.join(CHOICES[key])}; got '{value}'")
+        return value
+    raise ConfigError(f"config key '{key}' has unsupported type {typ}")
+
+
+def from_dict(data: dict, base: Config | None = None) -> Config:
+    """Build a :class:`Config` from nested dicts, on top of ``base`` (defaults when None)."""
+    cfg = base if base is not None else Config()
+    for key, value in _flatten(data).items():
+        set_key(cfg, key, value)
+    return cfg
+
+
+def _flatten(data: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config section '{prefix.rstrip('.') or '<root>'}' must be a mapping, got {data!r}")
+    for k, v in data.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def set_key(cfg: Config, key: str, value: Any) -> None:
+    """Set a dotted leaf key, checking the key exists and the value has the right type."""
+    keys = valid_keys()
+    if key not in keys:
+        raise _unknown_key(key, keys)
+    parts = key.split(".")
+    obj: Any = cfg
+    for p in parts[:-1]:
+        obj = getattr(obj, p)
+    hints = typing.get_type_hints(type(obj))
+    setattr(obj, parts[-1], _coerce(key, value, hints[parts[-1]]))
+
+
+def get_key(cfg: Config, key: str) -> Any:
+    obj: Any = cfg
+    for p in key.split("."):
+        obj = getattr(obj, p)
+    return obj
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``'gan.batch_size=8'`` -> ``('gan.batch_size', 8)`` (the value is parsed as YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like key=value, e.g. gan.batch_size=8")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+# --------------------------------------------------------------------------------------------------
+# Presets and files
+# --------------------------------------------------------------------------------------------------
+def config_dir() -> Path:
+    """The repository's ``configs/`` folder (next to ``src/``), or ``$CPGAN_CONFIG_DIR``."""
+    env = os.environ.get("CPGAN_CONFIG_DIR")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[2] / "configs"
+
+
+def repo_root() -> Path:
+    return Path(__file__).resolve().parents[2]
+
+
+def list_presets() -> list[str]:
+    d = config_dir()
+    return sorted(p.stem for p in d.glob("*.yaml")) if d.is_dir() else []
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e.__class__.__name__}: {str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config file must be a mapping of sections")
+    return data
+
+
+def load_config(name_or_path: str, overrides: list[str] | None = None) -> Config:
+    """Load a preset name (``shapes-quick``) or a YAML file, then apply ``key=value`` overrides.
+
+    A YAML file may say ``base: PRESET`` to start from another preset.
+    """
+    path = Path(name_or_path)
+    if not (path.suffix in (".yaml", ".yml") and path.exists()):
+        cand = config_dir() / f"{name_or_path}.yaml"
+        if not cand.exists():
+            if path.suffix in (".yaml", ".yml"):
+                raise ConfigError(f"config file '{name_or_path}' not found")
+            presets = ", ".join(list_presets()) or "(none found)"
+            raise ConfigError(f"unknown preset '{name_or_path}'; presets: {presets}")
+        path = cand
+    cfg = _load_file(path, seen=set())
+    for ov in overrides or []:
+        key, value = parse_override(ov)
+        set_key(cfg, key, value)
+    return cfg
+
+
+def _load_file(path: Path, seen: set[Path]) -> Config:
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"{path}: 'base' chain loops back to itself")
+    seen.add(path)
+    data = _read_yaml(path)
+    base_name = data.pop("base", None)
+    base = None
+    if base_name:
+        base_path = Path(base_name)
+        if not base_path.suffix:
+            base_path = config_dir() / f"{base_name}.yaml"
+        elif not base_path.is_absolute():
+            base_path = path.parent / base_path
+        if not base_path.exists():
+            raise ConfigError(f"{path}: base '{base_name}' not found; presets: {', '.join(list_presets())}")
+        base = _load_file(base_path, seen)
+    try:
+        return from_dict(data, base)
+    except ConfigError as e:
+        raise ConfigError(f"{path.name}: {e}") from None
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def hash_of(obj: Any) -> str:
+    """Stable short hash of a JSON-serialisable object."""
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def section_hash(cfg: Config, keys: list[str]) -> str:
+    """Hash of the named sections / dotted keys of ``cfg`` (what a stage's result depends on)."""
+    return hash_of({k: (to_dict(v) if dataclasses.is_dataclass(v := get_key(cfg, k)) else v) for k in keys})

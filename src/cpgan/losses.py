@@ -1,0 +1,248 @@
+"""DAMSM loss (AttnGAN) = CPGAN's TISCL when applied to generated images (suppl. eqs. (14)-(25)).
+
+Follows taoxugit/AttnGAN ``code/miscc/losses.py`` (``words_loss``, ``sent_loss``,
+``cosine_similarity``) and ``code/GlobalAttention.py::func_attention`` (REFERENCE.md §7.1-7.2):
+
+Word level, for image ``i`` (regions ``v``, d x R) and caption ``c`` (words ``e``, d x T_c)::
+
+    s       = e^T v                                  word-region dot products         (eq. 15)
+    s_bar   = softmax over the caption's words       (per region; padding words excluded)
+    alpha   = softmax over regions of gamma1*s_bar   (per word; invalid regions excluded)
+    c_t     = sum_j alpha_tj v_j                     region context of word t
+    R_t     = cos(c_t, e_t) = c.e / max(|c||e|, eps)               (AttnGAN eps = 1e-8)
+    S(i, c) = log sum_t exp(gamma2 R_t)              AttnGAN code (no 1/gamma2 factor)
+            = (1/gamma2) log sum_t exp(gamma2 R_t)   the papers' eq., with ``paper_word_score=True``
+
+Sentence level: ``S_s(i, c) = cos(global_i, sentence_c)`` with the same eps rule.
+
+Batch losses, both directions, matching pairs on the diagonal, mean cross-entropy over the batch::
+
+    logits = gamma3 * S                              (Bi x Bc), rows = images
+    same-class off-diagonal pairs -> -inf            (AttnGAN ``masked_fill_(masks, -inf)``)
+    loss0 = CE(logits, arange(B))                    image -> caption  (-log P(D_i | Q_i))
+    loss1 = CE(logits^T, arange(B))                  caption -> image  (-log P(Q_i | D_i))
+    word_loss = w_loss0 + w_loss1;  sent_loss = s_loss0 + s_loss1;  loss = word_loss + sent_loss
+
+AttnGAN loops over captions and slices each to its first ``cap_len`` words; here all pairs are
+computed at once with masks, which gives the same numbers (tests/test_damsm_loss.py checks it
+against a per-sample, per-word loop). Everything is differentiable, so TISCL can backpropagate
+through the image encoder into the generator.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from cpgan.models.attention import lengths_to_mask, pairwise_word_region_attention
+
+__all__ = [
+    "cosine_similarity_matrix",
+    "word_level_scores",
+    "class_negative_mask",
+    "batch_matching_losses",
+    "damsm_loss",
+]
+
+ClassIds = Tensor | Sequence[int] | None
+
+
+def cosine_similarity_matrix(a: Tensor, b: Tensor, eps: float = 1e-8) -> Tensor:
+    """Cosine similarity of every row of ``a`` with every row of ``b``.
+
+    AttnGAN ``sent_loss``: ``(a b^T) / clamp(|a| |b|^T, min=eps)``.
+
+    Args:
+        a: ``(Bi, d)`` e.g. global image codes.
+        b: ``(Bc, d)`` e.g. sentence codes.
+
+    Returns:
+        ``(Bi, Bc)``.
+    """
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[1]:
+        raise ValueError(
+            f"expected (Bi, d) and (Bc, d) with the same d, got {tuple(a.shape)} and {tuple(b.shape)}"
+        )
+    dots = a @ b.t()
+    norms = a.norm(dim=1, keepdim=True) * b.norm(dim=1, keepdim=True).t()
+    return dots / norms.clamp(min=eps)
+
+
+def _check_lengths(lengths: Tensor, batch: int, max_len: int) -> Tensor:
+    if not torch.is_tensor(lengths):
+        lengths = torch.as_tensor(lengths)
+    if lengths.shape != (batch,):
+        raise ValueError(f"lengths must have shape ({batch},), got {tuple(lengths.shape)}")
+    lo, hi = int(lengths.min()), int(lengths.max())
+    if lo < 1 or hi > max_len:
+        raise ValueError(
+            f"caption lengths must lie in [1, T={max_len}], got min {lo} and max {hi}; "
+            "drop empty captions and pad words to at least the longest caption"
+        )
+    return lengths
+
+
+def word_level_scores(
+    regions: Tensor,
+    words: Tensor,
+    lengths: Tensor,
+    region_mask: Tensor | None = None,
+    gamma1: float = 4.0,
+    gamma2: float = 5.0,
+    paper_word_score: bool = False,
+    eps: float = 1e-8,
+) -> tuple[Tensor, Tensor]:
+    """DAMSM image-caption word-level score for every (image, caption) pair.
+
+    Also usable on its own, e.g. for R-precision (1 image against 100 captions).
+
+    Args:
+        regions: ``(Bi, d, R)`` (or ``(Bi, d, H, W)``) region features of ``Bi`` images.
+        words: ``(Bc, d, T)`` word features of ``Bc`` captions; values at padding steps are ignored.
+        lengths: ``(Bc,)`` caption lengths in ``[1, T]``.
+        region_mask: ``(Bi, R)`` bool, ``True`` = valid region (default: all valid).
+        gamma1: sharpening of the attention over regions.
+        gamma2: word-to-caption aggregation factor.
+        paper_word_score: ``False`` (default) = AttnGAN code ``log sum exp(gamma2 R)``; ``True`` =
+            the paper's ``(1/gamma2) log sum exp(gamma2 R)``.
+        eps: lower clamp of the cosine denominators (AttnGAN 1e-8).
+
+    Returns:
+        ``scores`` ``(Bi, Bc)`` and ``attn`` ``(Bi, Bc, T, R)`` (zero rows at padding words).
+    """
+    if regions.dim() == 4:
+        regions = regions.flatten(2)
+    if words.dim() != 3 or regions.dim() != 3 or words.shape[1] != regions.shape[1]:
+        raise ValueError(
+            f"expected words (Bc, d, T) and regions (Bi, d, R) with the same d, got "
+            f"{tuple(words.shape)} and {tuple(regions.shape)}"
+        )
+    lengths = _check_lengths(lengths, words.shape[0], words.shape[2])
+    if region_mask is not None:
+        region_mask = region_mask.to(device=regions.device, dtype=torch.bool)
+    word_mask = lengths_to_mask(lengths.to(words.device), words.shape[2])  # (Bc, T)
+    # Padding values are never used: zero them so garbage (even inf/NaN) cannot leak into the
+    # forward pass or the gradients (their gradient is exactly zero).
+    words = words.masked_fill(~word_mask.unsqueeze(1), 0.0)
+    context, attn = pairwise_word_region_attention(words, regions, gamma1, word_mask, region_mask)
+    # R(c_t, e_t) = cos(c_t, e_t), AttnGAN ``cosine_similarity`` (product of norms clamped at eps).
+    words_t = words.transpose(1, 2)  # (Bc, T, d)
+    dots = torch.einsum("ictd,ctd->ict", context, words_t)  # (Bi, Bc, T)
+    norms = context.norm(dim=-1) * words_t.norm(dim=-1).unsqueeze(0)
+    rel = dots / norms.clamp(min=eps)
+    # log sum_t exp(gamma2 R_t) over the caption's real words (AttnGAN eq. (10) as coded).
+    rel = (gamma2 * rel).masked_fill(~word_mask.unsqueeze(0), float("-inf"))
+    scores = torch.logsumexp(rel, dim=-1)
+    if paper_word_score:
+        scores = scores / gamma2
+    return scores, attn
+
+
+def class_negative_mask(class_ids: ClassIds, batch: int, device: torch.device) -> Tensor | None:
+    """``(B, B)`` bool: ``True`` where a pair shares the class id but is off the diagonal.
+
+    These pairs are excluded as negatives (AttnGAN sets them to ``-inf`` before the softmax).
+    Returns ``None`` when ``class_ids`` is ``None``.
+    """
+    if class_ids is None:
+        return None
+    ids = torch.as_tensor(class_ids, device=device)
+    if ids.shape != (batch,):
+        raise ValueError(f"class_ids must have shape ({batch},), got {tuple(ids.shape)}")
+    same = ids.unsqueeze(0) == ids.unsqueeze(1)
+    return same & ~torch.eye(batch, dtype=torch.bool, device=device)
+
+
+def batch_matching_losses(
+    scores: Tensor, gamma3: float, negative_mask: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Both-direction batch softmax losses of a square (image x caption) score matrix.
+
+    Args:
+        scores: ``(B, B)``, ``scores[i, c]`` = similarity of image ``i`` and caption ``c``;
+            matching pairs on the diagonal.
+        gamma3: scale applied before the softmax.
+        negative_mask: ``(B, B)`` bool, ``True`` = exclude that pair (set to ``-inf``).
+
+    Returns:
+        ``(loss0, loss1)``: mean cross-entropy image->caption (rows) and caption->image (columns).
+    """
+    logits = gamma3 * scores
+    if negative_mask is not None:
+        logits = logits.masked_fill(negative_mask, float("-inf"))
+    labels = torch.arange(scores.shape[0], device=scores.device)
+    return F.cross_entropy(logits, labels), F.cross_entropy(logits.t(), labels)
+
+
+def damsm_loss(
+    regions: Tensor,
+    global_features: Tensor,
+    words: Tensor,
+    sentence: Tensor,
+    lengths: Tensor,
+    class_ids: ClassIds = None,
+    region_mask: Tensor | None = None,
+    gamma1: float = 4.0,
+    gamma2: float = 5.0,
+    gamma3: float = 10.0,
+    *,
+    paper_word_score: bool = False,
+    eps: float = 1e-8,
+) -> dict[str, Tensor]:
+    """DAMSM loss of a batch of matching (image, caption) pairs (TISCL on generated images).
+
+    Args:
+        regions: ``(B, d, R)`` (or ``(B, d, H, W)``) local image features (e.g. ``ImageEncoder``).
+        global_features: ``(B, d)`` global image codes.
+        words: ``(B, d, T)`` word features (``TextEncoder``); padding steps are ignored.
+        sentence: ``(B, d)`` sentence codes.
+        lengths: ``(B,)`` caption lengths in ``[1, T]``.
+        class_ids: ``(B,)`` ids; off-diagonal pairs with equal ids are not used as negatives
+            (CUB classes; for COCO AttnGAN uses one id per image, i.e. nothing extra is masked).
+        region_mask: ``(B, R)`` bool, ``True`` = valid region (object-aware encoder's box mask).
+        gamma1, gamma2, gamma3: AttnGAN ``TRAIN.SMOOTH.GAMMA1/2/3`` (DAMSM configs: 4, 5, 10).
+        paper_word_score: see :func:`word_level_scores` (default: AttnGAN code).
+        eps: cosine denominator clamp (AttnGAN 1e-8).
+
+    Returns:
+        dict with scalar ``loss`` (= ``word_loss + sent_loss``), ``word_loss``
+        (= ``w_loss0 + w_loss1``), ``sent_loss`` (= ``s_loss0 + s_loss1``), the four directional
+        terms (``*0`` image->caption, ``*1`` caption->image), ``attention`` ``(B, T, R)`` (each
+        caption's words over its own image's regions; zero rows at padding, for visualisation),
+        ``word_scores`` and ``sent_scores`` ``(B, B)`` (rows = images, before gamma3 / masking).
+    """
+    batch = words.shape[0]
+    for name, t, dims in (
+        ("regions", regions, (3, 4)),
+        ("global_features", global_features, (2,)),
+        ("words", words, (3,)),
+        ("sentence", sentence, (2,)),
+    ):
+        if t.dim() not in dims or t.shape[0] != batch:
+            raise ValueError(
+                f"{name} must have {dims[0]} dims and batch size {batch} (the words' batch), "
+                f"got shape {tuple(t.shape)}"
+            )
+    word_scores, attn = word_level_scores(
+        regions, words, lengths, region_mask, gamma1, gamma2, paper_word_score, eps
+    )
+    sent_scores = cosine_similarity_matrix(global_features, sentence, eps)
+    negatives = class_negative_mask(class_ids, batch, words.device)
+    w0, w1 = batch_matching_losses(word_scores, gamma3, negatives)
+    s0, s1 = batch_matching_losses(sent_scores, gamma3, negatives)
+    idx = torch.arange(batch, device=words.device)
+    return {
+        "loss": w0 + w1 + s0 + s1,
+        "word_loss": w0 + w1,
+        "sent_loss": s0 + s1,
+        "w_loss0": w0,
+        "w_loss1": w1,
+        "s_loss0": s0,
+        "s_loss1": s1,
+        "attention": attn[idx, idx],
+        "word_scores": word_scores,
+        "sent_scores": sent_scores,
+    }
