@@ -184,7 +184,7 @@ def _data_command(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="cpgan data", description="generate the built-in shapes world on disk")
     p.add_argument("kind", choices=["shapes"])
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--size", type=int, default=64, choices=[32, 64, 128, 256], help="image size in pixels")
+    p.add_argument("--size", type=int, default=64, choices=[64, 128, 256], help="image size in pixels")
     p.add_argument("--n-train", type=int, default=8000)
     p.add_argument("--n-test", type=int, default=1000)
     p.add_argument("--n-test-novel", type=int, default=500)

@@ -108,7 +108,7 @@ def decode_image(path: str) -> np.ndarray | None:
 
 def to_tensor(img: np.ndarray) -> torch.Tensor:
     """uint8 ``(H, W, 3)`` -> float ``(3, H, W)`` in [-1, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float().div(127.5).sub(1.0)
+    return torch.from_numpy(np.array(img, dtype=np.uint8, copy=True)).permute(2, 0, 1).float().div(127.5).sub(1.0)
 
 
 def multi_scale(img: torch.Tensor, sizes: Sequence[int]) -> list[torch.Tensor]:

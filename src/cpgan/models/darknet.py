@@ -105,7 +105,8 @@ def config_path(name: str) -> Path:
     Looks in the repository's ``configs/darknet`` (source checkout) and in ``cpgan/configs/darknet`` (installed
     package data).  Raises ``FileNotFoundError`` naming both places when the file is absent.
     """
-    fname = name if name.endswith(".cfg") else name + ".cfg"
+    base = Path(name).name
+    fname = base if base.endswith(".cfg") else base + ".cfg"
     here = Path(__file__).resolve()
     candidates = [
         here.parents[3] / "configs" / "darknet" / fname,  # <repo>/configs/darknet (src layout)

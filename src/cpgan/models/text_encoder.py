@@ -23,9 +23,10 @@ also accept an AttnGAN ``text_encoder*.pth`` (whose embedding is named ``encoder
 
 Callers use the same call for both variants::
 
-    words, sentence = encoder(captions, lengths, memory=memory)   # memory ignored-not-allowed if plain
+    words, sentence = encoder(captions, lengths, memory=memory)
 
-where ``memory`` is the raw per-token memory ``(B, T, 1024)``, e.g. from :func:`gather_memory`.
+where ``memory`` is the raw per-token memory ``(B, T, 1024)`` (e.g. from :func:`gather_memory`) for
+MATE and ``None`` for the plain encoder (passing memory to a plain encoder is an error).
 """
 
 from __future__ import annotations
