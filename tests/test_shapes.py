@@ -308,6 +308,7 @@ def test_write_and_load_round_trip(tmp_path):
     assert info["counts"] == {"train": 12, "test": 5, "test_novel": 4}
     on_disk = json.loads((out / "info.json").read_text())
     assert on_disk["seed"] == 3 and on_disk["size"] == 64 and on_disk["format_version"] == shapes.FORMAT_VERSION
+    assert (on_disk["n_train"], on_disk["n_test"], on_disk["n_test_novel"]) == (12, 5, 4)
     for split, n in info["counts"].items():
         images, records = load_split(out, split)
         assert isinstance(images, np.memmap) and images.shape == (n, 64, 64, 3) and images.dtype == np.uint8

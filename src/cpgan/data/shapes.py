@@ -30,10 +30,11 @@ Choices (documented here, referenced by the report):
 
 Determinism: every image is drawn from its own generator
 ``np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, split_id, index])))`` (and the background
-texture from a second one, ``[seed, split_id, index, 1]``, so that the scene and its captions are the same at
-every resolution), so it does not depend on the number of images or on the process. Only bit-exact operations are used: uniform draws and
-integers from the generator, IEEE basic arithmetic (+ - * / sqrt, correctly rounded everywhere) for the
-geometry, no trigonometric or exponential functions (rotations use the rational parametrisation
+texture from a second one, ``[seed, split_id, index, 1]``, so that the scene is the same at every
+resolution; its captions too, except in rare borderline relations, which come from the pixel boxes), so it
+does not depend on the number of images or on the process. Only bit-exact operations are used: uniform
+draws and integers from the generator, IEEE basic arithmetic (+ - * / sqrt, correctly rounded everywhere)
+for the geometry, no trigonometric or exponential functions (rotations use the rational parametrisation
 cos = (1-t²)/(1+t²), sin = 2t/(1+t²); the star's vertices come from square roots), no floating-point
 reductions, and integer arithmetic for coverage, textures and compositing. Rendering is analytic coverage
 on a 4x4 supersampling grid per pixel (anti-aliasing), composited in integers.
@@ -293,8 +294,10 @@ def _background(kind: str, size: int, rng: np.random.Generator) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------------------
 # Scene sampling and rendering
 # ----------------------------------------------------------------------------------------------------------
-def _rng_for(seed: int, split: str, index: int) -> np.random.Generator:
-    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(seed), SPLITS[split], int(index)])))
+def _rng_for(seed: int, split: str, index: int, stream: int = 0) -> np.random.Generator:
+    """Per-image generator; stream 0 = scene and captions, stream 1 = background texture."""
+    key = [int(seed), SPLITS[split], int(index)] + ([stream] if stream else [])
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence(key)))
 
 
 def _sample_pairs(rng: np.random.Generator, split: str, n_obj: int) -> list[tuple[str, str]]:
@@ -355,7 +358,9 @@ def _place_objects(rng: np.random.Generator, pairs: list[tuple[str, str]]) -> li
     return placed
 
 
-def _render_object(img: np.ndarray, obj: dict[str, Any], size: int, rng: np.random.Generator) -> tuple[list[float], np.ndarray]:
+def _render_object(
+    img: np.ndarray, obj: dict[str, Any], size: int, rng: np.random.Generator
+) -> tuple[list[float], np.ndarray]:
     """Composite one object into ``img`` (int32, in place). Returns (box, coverage mask (size, size) uint8)."""
     S = _SS
     N = S * S
@@ -480,7 +485,7 @@ def _caption(rng: np.random.Generator, objs: list[dict[str, Any]], bg: str) -> s
             lambda: f"{_np(rng, A)} and {_np(rng, B)}{suffix}",
             lambda: f"{prefix}, {_np(rng, A)} {R()} {_np(rng, B)}",
             lambda: f"a picture of {_np(rng, A)} and {_np(rng, B)}{suffix}",
-            lambda: f"{_np(rng, A)} with {_np(rng, B)} {R(rel)} it",
+            lambda: f"{_np(rng, A)} with {_np(rng, B)} {R(_REL_INVERSE[rel])} it",
             lambda: f"two shapes: {_np(rng, A)} and {_np(rng, B)}{suffix}",
         ]
     else:
@@ -538,7 +543,7 @@ def render_scene(
     rng = _rng_for(seed, split, index)
     # textures draw resolution-dependent amounts of noise: give them their own stream so that the scene
     # (objects, layout, captions) is the same at 64, 128 and 256 px
-    tex_rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(seed), SPLITS[split], int(index), 1])))
+    tex_rng = _rng_for(seed, split, index, stream=1)
     n_obj = int(rng.integers(1, 4))
     bg = BACKGROUNDS[int(rng.integers(0, len(BACKGROUNDS)))]
     pairs = _sample_pairs(rng, split, n_obj)
@@ -664,6 +669,7 @@ def write_dataset(
         "seed": int(seed),
         "size": int(size),
         "counts": counts,
+        **{f"n_{split}": n for split, n in counts.items()},  # flat copies (read by the data stage)
         "shapes": SHAPES,
         "colours": COLOURS,
         "sizes": SIZES,
