@@ -412,7 +412,7 @@ class InceptionFeatures(nn.Module):
         """
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be (B, 3, H, W), got shape {tuple(images.shape)}")
-        x = images.to(self.net.Conv2d_1a_3x3.conv.weight.dtype)
+        x = images.to(self.net.Conv2d_1a_3x3.conv.weight)  # dtype and device of the network
         if self.input_range == "[0,1]":
             x = 2.0 * x - 1.0
         if self.resize is not None and tuple(x.shape[-2:]) != (self.resize, self.resize):
