@@ -123,6 +123,10 @@ def word_level_scores(
     lengths = _check_lengths(lengths, words.shape[0], words.shape[2])
     if region_mask is not None:
         region_mask = region_mask.to(device=regions.device, dtype=torch.bool)
+        if region_mask.shape == (regions.shape[0], regions.shape[2]) and not bool(region_mask.any(1).all()):
+            raise ValueError(
+                "region_mask leaves an image without any valid region; keep the grid regions valid"
+            )
     word_mask = lengths_to_mask(lengths.to(words.device), words.shape[2])  # (Bc, T)
     # Padding values are never used: zero them so garbage (even inf/NaN) cannot leak into the
     # forward pass or the gradients (their gradient is exactly zero).

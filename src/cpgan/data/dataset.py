@@ -224,15 +224,20 @@ class ResumableBatchSampler(torch.utils.data.Sampler):
     """Yields batches of ``(index, epoch)`` for steps ``start_step, start_step + 1, ...`` forever.
 
     Epoch ``e`` visits a permutation seeded by ``(seed, e)``; the last incomplete batch of an epoch is
-    dropped (as AttnGAN's ``drop_last=True``). Step ``t`` is therefore a pure function of ``(seed, t)``: a
+    dropped (as AttnGAN's ``drop_last=True``). Under DDP each of ``world`` ranks takes every ``world``-th
+    item of the global batch. Step ``t`` is therefore a pure function of ``(seed, t)``: a
     resumed run continues with exactly the batches the uninterrupted run would have used.
     """
 
-    def __init__(self, n: int, batch_size: int, seed: int = 0, start_step: int = 0, shuffle: bool = True):
+    def __init__(self, n: int, batch_size: int, seed: int = 0, start_step: int = 0, shuffle: bool = True,
+                 rank: int = 0, world: int = 1):
         if n < batch_size:
             raise ValueError(f"the split has {n} usable images, fewer than the batch size {batch_size}; "
                              "lower the batch size or add data")
+        if batch_size % world:
+            raise ValueError(f"batch size {batch_size} must be divisible by the number of processes {world}")
         self.n, self.batch_size, self.seed, self.start_step, self.shuffle = n, batch_size, seed, start_step, shuffle
+        self.rank, self.world = rank, world
         self.steps_per_epoch = n // batch_size
 
     def _perm(self, epoch: int) -> np.ndarray:
@@ -245,7 +250,7 @@ class ResumableBatchSampler(torch.utils.data.Sampler):
         epoch, pos = divmod(step, self.steps_per_epoch)
         perm = self._perm(epoch)
         while True:
-            idx = perm[pos * self.batch_size:(pos + 1) * self.batch_size]
+            idx = perm[pos * self.batch_size:(pos + 1) * self.batch_size][self.rank::self.world]
             yield [(int(i), epoch) for i in idx]
             pos += 1
             if pos == self.steps_per_epoch:
@@ -257,8 +262,8 @@ class ResumableBatchSampler(torch.utils.data.Sampler):
 
 
 def make_loader(ds: CaptionDataset, batch_size: int, seed: int, start_step: int = 0, num_workers: int = 0,
-                shuffle: bool = True) -> torch.utils.data.DataLoader:
-    sampler = ResumableBatchSampler(len(ds), batch_size, seed, start_step, shuffle)
+                shuffle: bool = True, rank: int = 0, world: int = 1) -> torch.utils.data.DataLoader:
+    sampler = ResumableBatchSampler(len(ds), batch_size, seed, start_step, shuffle, rank, world)
     return torch.utils.data.DataLoader(ds, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers,
                                        persistent_workers=num_workers > 0)
 

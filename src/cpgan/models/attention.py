@@ -67,9 +67,10 @@ def attention_from_scores(
     Args:
         scores: ``(..., T, R)`` dot products ``e_i . v_j``.
         gamma1: sharpening factor of the softmax over regions (AttnGAN ``GAMMA1``).
-        word_mask: bool, broadcastable to ``(..., T, 1)`` after the caller's reshaping; i.e. pass
-            ``(..., T, 1)``-shaped masks. ``True`` = real word.
-        region_mask: bool, broadcastable to ``(..., 1, R)``. ``True`` = valid region.
+        word_mask: bool of shape ``(..., T, 1)`` (broadcast against ``scores``), ``True`` = real
+            word. Every column must keep at least one real word (caption lengths >= 1).
+        region_mask: bool of shape ``(..., 1, R)``, ``True`` = valid region. Every row must keep
+            at least one valid region.
 
     Returns:
         ``alpha`` ``(..., T, R)``: rows sum to 1 over valid regions for valid words; rows of
@@ -79,10 +80,9 @@ def attention_from_scores(
     if word_mask is not None:
         scores = scores.masked_fill(~word_mask, neg_inf)
     # AttnGAN eq. (8): normalise each region's column over the words.
+    # Padding words get exactly 0 (exp(-inf)); a fully masked column would be NaN, which
+    # caption lengths >= 1 rule out.
     s_bar = torch.softmax(scores, dim=-2)
-    if word_mask is not None:
-        # exp(-inf)=0 already, but a fully masked column would be NaN; lengths >= 1 prevents it.
-        s_bar = s_bar.masked_fill(~word_mask, 0.0)
     # AttnGAN eq. (9): sharpen with gamma1 and normalise each word's row over the regions.
     logits = gamma1 * s_bar
     if region_mask is not None:

@@ -230,7 +230,8 @@ class TextEncoder(nn.Module):
         lengths = lengths.to("cpu", torch.int64)  # pack_padded_sequence wants CPU lengths
         if batch and (int(lengths.min()) < 1 or int(lengths.max()) > steps):
             raise ValueError(
-                f"caption lengths must lie in [1, T={steps}], got [{int(lengths.min())}, {int(lengths.max())}]"
+                f"caption lengths must lie in [1, T={steps}], "
+                f"got [{int(lengths.min())}, {int(lengths.max())}]"
             )
         if batch and (int(captions.min()) < 0 or int(captions.max()) >= self.vocab_size):
             raise ValueError(
@@ -239,7 +240,9 @@ class TextEncoder(nn.Module):
             )
         return lengths
 
-    def embed(self, captions: Tensor, memory: Tensor | None = None, memory_emb: Tensor | None = None) -> Tensor:
+    def embed(
+        self, captions: Tensor, memory: Tensor | None = None, memory_emb: Tensor | None = None
+    ) -> Tensor:
         """LSTM input sequence (after dropout).
 
         Args:
@@ -272,7 +275,9 @@ class TextEncoder(nn.Module):
         assert memory_emb is not None
         expected = (batch, self.encoder.in_channels - self.embed_dim, steps)
         if memory_emb.shape != expected:
-            raise ValueError(f"memory_emb must be (B, memory_proj_dim, T) = {expected}, got {tuple(memory_emb.shape)}")
+            raise ValueError(
+                f"memory_emb must be (B, memory_proj_dim, T) = {expected}, got {tuple(memory_emb.shape)}"
+            )
         # Release: emb = tanh(cat(word_emb, mem_emb)) -> 1x1 conv (no bias) -> dropout.
         emb = torch.tanh(torch.cat((word_emb.transpose(1, 2), memory_emb), dim=1))
         return self.drop(self.encoder(emb)).transpose(1, 2)
