@@ -194,10 +194,12 @@ class GanConfig:
     kl_weight: float = 1.0
     ema_decay: float = 0.999
     """EMA of the generator weights used for sampling (0 = off)."""
-    truncation: float = 1.0
     checkpoint_every: int = 200
     sample_every: int = 200
     log_every: int = 20
+    eval_images: int = 300
+    """Shapes world: evaluator scores of the EMA generator on this many test captions at every sample step
+    (the training curves of the report)."""
     seed: int = 0
 
 

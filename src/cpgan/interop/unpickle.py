@@ -501,6 +501,7 @@ def _load_legacy(f: BinaryIO, size: int, head_proto: int, common: dict[str, Any]
 
     storages: dict[str, _Storage] = {}
     views: dict[str, _Storage] = {}
+    allocated = [0]
 
     def persistent(pid: Any) -> Any:
         if not isinstance(pid, tuple) or not pid:
@@ -516,9 +517,11 @@ def _load_legacy(f: BinaryIO, size: int, head_proto: int, common: dict[str, Any]
             if not isinstance(stype, _StorageType):
                 raise UnsafePickleError("storage persistent id without an allowed storage type")
             key, location, numel = _to_str(key), _to_str(location), int(numel)
-            if numel < 0 or numel * torch.empty((), dtype=stype.dtype).element_size() > size:
-                raise PickleFormatError(f"storage {key} claims {numel} elements, more than the file holds")
             if key not in storages:
+                nbytes = numel * torch.empty((), dtype=stype.dtype).element_size()
+                allocated[0] += nbytes
+                if numel < 0 or allocated[0] > size:  # storages cannot hold more bytes than the file
+                    raise PickleFormatError(f"storage {key} claims {numel} elements, more than the file holds")
                 storages[key] = _Storage(key, stype.dtype, numel, location)
             root = storages[key]
             if root.dtype != stype.dtype:
