@@ -161,7 +161,7 @@ def run(cfg: Config, ctx: StageContext) -> dict:
             out["loss"].backward()
             torch.nn.utils.clip_grad_norm_(rnn_params, d.rnn_grad_clip)
             opt.step()
-            sums += [float(out["loss"]), float(out["word_loss"]), float(out["sent_loss"])]
+            sums += [float(out["loss"].detach()), float(out["word_loss"].detach()), float(out["sent_loss"].detach())]
             count += 1
             step_in_epoch += 1
             bar.update(1)

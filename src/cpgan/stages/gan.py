@@ -1,0 +1,388 @@
+"""Stage ``gan``: train the coarse-to-fine generator against per-stage discriminators (DESIGN §3.4–3.5).
+
+One step (paper eqs. (4)–(5), suppl. 6.1–6.2):
+
+1. the frozen DAMSM text encoder encodes the caption X and a mismatched caption X̄ (another image's);
+2. G maps (z, s, W) to images Ĩ_0..Ĩ_{n-1} of the stage resolutions;
+3. for each stage i, D_i is updated with the hinge loss
+   ½[1−D^uc(I)]₊ + ⅓[1+D^uc(Ĩ)]₊ + ½[1−D^c(I,X)]₊ + ⅓[1+D^c(Ĩ,X)]₊ + ⅓[1+D^c(I,X̄)]₊;
+4. G is updated with Σ_i −½D^uc(Ĩ_i) − ½D^c(Ĩ_i,X) + λ·TISCL(Ĩ_last, X) + KL(CA), TISCL being the DAMSM
+   loss of the generated final image against its caption with the frozen encoders (AttnGAN applies it to
+   the last stage only); with ``model.image_encoder=oaie`` the generated image's object features come from
+   the detector with gradients (box choice detached).
+
+Reproducibility: step t's batch, noise and CA noise are functions of ``(gan.seed, t)``, and the checkpoint
+holds every weight, optimiser state and the EMA, so a resumed run equals an uninterrupted one on CPU.
+SIGTERM/SIGINT saves a checkpoint and stops; ``max_minutes`` bounds the wall time.
+
+Outputs: ``generator.safetensors`` (EMA weights when ``gan.ema_decay > 0``) + sidecar, ``state.safetensors``
+(resume), ``samples/step_XXXXXX.png`` grids of fixed test and test_novel captions, ``metrics.jsonl``.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .. import build
+from ..config import Config
+from ..data.dataset import CaptionDataset, collate, load_split, load_vocab, make_loader, stage_sizes
+from ..gan_losses import d_hinge_loss, g_hinge_loss, kl_loss
+from ..losses import damsm_loss
+from ..models.discriminator import D_NET
+from ..models.generator import G_NET, truncated_noise
+from ..utils import distributed as dist
+from ..utils.checkpoint import load_state, save_state, save_weights
+from ..utils.logging import echo, progress
+from .base import Deadline, Stage, StageContext
+
+STATE = "state.safetensors"
+
+
+# --------------------------------------------------------------------------------------------------
+# Construction
+# --------------------------------------------------------------------------------------------------
+def build_generator(cfg: Config) -> G_NET:
+    m = cfg.model
+    return G_NET(branch_num=m.branch_num, ngf=m.gf_dim, z_dim=m.z_dim, c_dim=m.condition_dim,
+                 emb_dim=m.embedding_dim, r_num=m.r_num, base_size=m.base_size,
+                 released_mask_bug=m.released_mask_bug)
+
+
+def build_discriminators(cfg: Config) -> torch.nn.ModuleList:
+    m = cfg.model
+    sizes = [m.base_size * 2 ** i for i in range(m.branch_num)]
+    return torch.nn.ModuleList([
+        D_NET(image_size=s, ndf=m.df_dim, emb_dim=m.embedding_dim, cond_head=m.cond_disc,
+              fgcd_grid=min(m.fgcd_patches, s // 2), spectral_norm=m.spectral_norm) for s in sizes])
+
+
+def final_size(cfg: Config) -> int:
+    return cfg.model.base_size * 2 ** (cfg.model.branch_num - 1)
+
+
+def padding_mask(captions: torch.Tensor) -> torch.Tensor:
+    """``(B, T)`` bool, True at padding (id 0 = ``<end>``)."""
+    return captions == 0
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """The RNG of training step ``step``: noise is a pure function of (seed, step) (exact resume)."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) % (2 ** 63))
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    for pe, pm in zip(ema.parameters(), model.parameters()):
+        pe.lerp_(pm.detach(), 1.0 - decay)
+    for be, bm in zip(ema.buffers(), model.buffers()):
+        be.copy_(bm)
+
+
+# --------------------------------------------------------------------------------------------------
+# Sample grids
+# --------------------------------------------------------------------------------------------------
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """``(B, 3, H, W)`` in [-1, 1] -> uint8 ``(B, H, W, 3)``."""
+    return ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+
+
+def grid_image(images: list[np.ndarray], cols: int = 8, pad: int = 2) -> Image.Image:
+    """Stages stacked: for each stage a block of rows (images upscaled to the final size)."""
+    size = images[-1].shape[1]
+    n = images[-1].shape[0]
+    rows = math.ceil(n / cols)
+    canvas = np.full(((size + pad) * rows * len(images), (size + pad) * cols, 3), 255, np.uint8)
+    for s, arr in enumerate(images):
+        for k in range(n):
+            im = arr[k]
+            if im.shape[0] != size:
+                im = np.asarray(Image.fromarray(im).resize((size, size), Image.NEAREST))
+            r, c = divmod(k, cols)
+            y = (s * rows + r) * (size + pad)
+            canvas[y:y + size, c * (size + pad):c * (size + pad) + size] = im
+    return Image.fromarray(canvas)
+
+
+# --------------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------------
+class Trainer:
+    """Holds the models of the GAN stage; ``run()`` trains until steps, time or a signal stop it."""
+
+    def __init__(self, cfg: Config, ctx: StageContext):
+        self.cfg, self.ctx = cfg, ctx
+        g = cfg.gan
+        self.info, self.device = dist.init(ctx.device)
+        dev = self.device
+        self.vocab = load_vocab(ctx.run_dir)
+        self.sizes = stage_sizes(final_size(cfg), cfg.model.branch_num)
+        if self.sizes[-1] != cfg.data.image_size:
+            echo(f"[gan] note: the generator's final size {self.sizes[-1]} differs from data.image_size "
+                 f"{cfg.data.image_size}; real images are resized")
+        train = load_split(ctx.run_dir, "train")
+        self.ds = CaptionDataset(train, self.sizes, cfg.text.words_num, train=True, seed=g.seed,
+                                 augment=cfg.data.augment)
+        from .damsm import make_encoders
+
+        te, ie = build.load_damsm(cfg, ctx.run_dir, len(self.vocab), dev)
+        self.enc = make_encoders(cfg, ctx.run_dir, len(self.vocab), dev, te, ie)
+        if build.uses_objects(cfg):
+            from ..encode import detector_object_fn
+
+            self.enc.object_fn = detector_object_fn(cfg, ctx.run_dir, dev)
+        torch.manual_seed(g.seed)
+        self.G = build_generator(cfg).to(dev)
+        self.Ds = build_discriminators(cfg).to(dev)
+        self.G_ema = copy.deepcopy(self.G).eval() if g.ema_decay > 0 else None
+        self.opt_g = torch.optim.Adam(self.G.parameters(), lr=g.lr_g, betas=(g.beta1, g.beta2))
+        self.opt_d = [torch.optim.Adam(d.parameters(), lr=g.lr_d, betas=(g.beta1, g.beta2)) for d in self.Ds]
+        self.Gw = dist.wrap(self.G, self.info, dev)
+        self.Dw = [dist.wrap(d, self.info, dev) for d in self.Ds]
+        self.step, self.spent, self.history = 0, 0.0, []
+        self.state_path = ctx.dir / STATE
+        if self.state_path.exists():
+            self.load(self.state_path)
+            echo(f"[gan] resuming at step {self.step}")
+        self.fixed = self._fixed_batch()
+
+    # ---- checkpoints -------------------------------------------------------------------------
+    def state(self) -> dict:
+        return {"G": self.G.state_dict(), "D": self.Ds.state_dict(), "opt_g": self.opt_g.state_dict(),
+                "opt_d": [o.state_dict() for o in self.opt_d],
+                "G_ema": self.G_ema.state_dict() if self.G_ema is not None else None,
+                "step": self.step, "seconds": self.spent, "history": self.history}
+
+    def save(self) -> None:
+        if self.info.is_main:
+            save_state(self.state_path, self.state())
+
+    def load(self, path: Path) -> None:
+        st = load_state(path, self.device)
+        self.G.load_state_dict(st["G"])
+        self.Ds.load_state_dict(st["D"])
+        self.opt_g.load_state_dict(st["opt_g"])
+        for o, s in zip(self.opt_d, st["opt_d"]):
+            o.load_state_dict(s)
+        if self.G_ema is not None and st.get("G_ema") is not None:
+            self.G_ema.load_state_dict(st["G_ema"])
+        self.step, self.spent, self.history = st["step"], st["seconds"], st["history"]
+
+    def export(self) -> Path:
+        """Write the sampling generator (EMA when enabled) with its sidecar."""
+        path = self.ctx.dir / "generator.safetensors"
+        g = self.G_ema if self.G_ema is not None else self.G
+        if self.info.is_main:
+            save_weights(path, g.state_dict(), {
+                "step": self.step, "ema": self.G_ema is not None, "vocab_sha256": self.vocab.sha256(),
+                "model": vars(self.cfg.model), "stage_sizes": self.sizes})
+        return path
+
+    # ---- one step ------------------------------------------------------------------------------
+    def _text(self, caps: torch.Tensor, lens: torch.Tensor):
+        with torch.no_grad():
+            words, sent = self.enc.encode_text(caps, lens)
+        return words.detach(), sent.detach(), padding_mask(caps)
+
+    def train_step(self, batch: dict) -> dict:
+        cfg, g, dev = self.cfg, self.cfg.gan, self.device
+        reals = [x.to(dev) for x in batch["images"]]
+        caps, lens = batch["captions"].to(dev), batch["lengths"].to(dev)
+        wcaps, wlens = batch["wrong_captions"].to(dev), batch["wrong_lengths"].to(dev)
+        words, sent, mask = self._text(caps, lens)
+        wwords, wsent, wmask = self._text(wcaps, wlens)
+        B = caps.shape[0]
+        gen = step_generator(g.seed, self.step)
+        z = truncated_noise(B, cfg.model.z_dim, None, generator=gen).to(dev)
+        eps = torch.randn(B, cfg.model.condition_dim, generator=gen).to(dev)
+        fakes, _, mu, logvar = self.Gw(z, sent, words, mask, eps)
+        logs: dict = {}
+        # ---- discriminators, eq. (5)
+        d_total = 0.0
+        for i, (D, opt) in enumerate(zip(self.Dw, self.opt_d)):
+            f_real = D(reals[i])
+            f_fake = D(fakes[i].detach())
+            Dm = dist.unwrap(D)
+            out = d_hinge_loss(Dm.uncond(f_real), Dm.uncond(f_fake), Dm.cond(f_real, sent, words, mask),
+                               Dm.cond(f_fake, sent, words, mask), Dm.cond(f_real, wsent, wwords, wmask))
+            opt.zero_grad(set_to_none=True)
+            out["loss"].backward()
+            opt.step()
+            d_total += float(out["loss"].detach())
+            logs[f"d{i}_loss"] = float(out["loss"].detach())
+        logs["d_loss"] = d_total
+        # ---- generator, eq. (4) + λ TISCL + KL
+        for D in self.Ds:
+            D.requires_grad_(False)
+        g_adv = 0.0
+        loss = torch.zeros((), device=dev)
+        for i, D in enumerate(self.Dw):
+            f_fake = D(fakes[i])
+            Dm = dist.unwrap(D)
+            out = g_hinge_loss(Dm.uncond(f_fake), Dm.cond(f_fake, sent, words, mask))
+            loss = loss + out["loss"]
+            g_adv += float(out["loss"].detach())
+        kl = kl_loss(mu, logvar)
+        loss = loss + g.kl_weight * kl
+        if g.lambda_tiscl > 0:
+            feats = self.enc.encode_images(fakes[-1])
+            cls = batch["class_ids"].to(dev) if bool((batch["class_ids"] >= 0).all()) else None
+            t = damsm_loss(feats.regions, feats.global_features, words, sent, lens, class_ids=cls,
+                           region_mask=feats.region_mask, gamma1=cfg.damsm.gamma1, gamma2=cfg.damsm.gamma2,
+                           gamma3=cfg.damsm.gamma3)
+            loss = loss + g.lambda_tiscl * t["loss"]
+            logs["tiscl"] = float(t["loss"].detach())
+        self.opt_g.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt_g.step()
+        for D in self.Ds:
+            D.requires_grad_(True)
+        if self.G_ema is not None:
+            ema_update(self.G_ema, self.G, g.ema_decay)
+        logs.update(g_adv=g_adv, kl=float(kl.detach()), g_loss=float(loss.detach()))
+        return logs
+
+    # ---- samples -------------------------------------------------------------------------------
+    def _fixed_batch(self) -> dict:
+        """16 test + 8 test_novel captions (or 24 test captions), fixed noise: the sample grid's input."""
+        items = []
+        for split, n in (("test", 16), ("test_novel", 8)):
+            try:
+                data = load_split(self.ctx.run_dir, split)
+            except Exception:  # noqa: BLE001 - test_novel only exists for the shapes world
+                continue
+            ds = CaptionDataset(data, self.sizes, self.cfg.text.eval_words_num, train=False)
+            items += [ds[i] for i in range(min(n, len(ds)))]
+        b = collate(items)
+        gen = torch.Generator().manual_seed(12345)
+        b["z"] = truncated_noise(b["size"], self.cfg.model.z_dim, None, generator=gen)
+        b["eps"] = torch.randn(b["size"], self.cfg.model.condition_dim, generator=gen)
+        return b
+
+    @torch.no_grad()
+    def sample(self, tag: str) -> Path | None:
+        if not self.info.is_main:
+            return None
+        G = self.G_ema if self.G_ema is not None else self.G
+        was = G.training
+        G.eval()
+        b = self.fixed
+        caps, lens = b["captions"].to(self.device), b["lengths"].to(self.device)
+        words, sent, mask = self._text(caps, lens)
+        imgs, _, _, _ = G(b["z"].to(self.device), sent, words, mask, torch.zeros_like(b["eps"]).to(self.device))
+        G.train(was)
+        out = self.ctx.dir / "samples" / f"{tag}.png"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        grid = grid_image([to_uint8(x) for x in imgs] + [to_uint8(b["images"][-1])])
+        grid.save(out)
+        with open(self.ctx.dir / "samples" / "captions.txt", "w") as f:
+            for c, l in zip(b["captions"], b["lengths"]):
+                f.write(" ".join(self.vocab.decode(c[:l].tolist())) + "\n")
+        return out
+
+    # ---- loop ----------------------------------------------------------------------------------
+    def run(self) -> dict:
+        g = self.cfg.gan
+        deadline = Deadline(g.max_minutes, self.spent)
+        loader = make_loader(self.ds, g.batch_size, seed=g.seed, start_step=self.step,
+                             num_workers=self.cfg.data.num_workers, rank=self.info.rank, world=self.info.world)
+        if self.step == 0:
+            self.sample("step_000000")
+        bar = progress(total=g.steps, initial=self.step, desc="gan")
+        sums: dict = {}
+        n = 0
+        skipped = 0
+        stopped = False
+        evaluator = _QuickEval.maybe(self.cfg, self.ctx, self.device)
+        for batch in loader:
+            if self.step >= g.steps:
+                break
+            stop = self.ctx.stop_requested or deadline.expired()
+            if dist.broadcast_flag(stop, self.info, self.device):
+                stopped = True
+                break
+            skipped += batch.get("skipped", 0)
+            if batch.get("size", 0) < 2:
+                self.step += 1
+                continue
+            logs = self.train_step(batch)
+            self.step += 1
+            bar.update(1)
+            for k, v in logs.items():
+                sums[k] = sums.get(k, 0.0) + v
+            n += 1
+            if self.step % g.log_every == 0:
+                rec = {k: v / n for k, v in sums.items()}
+                rec.update(minutes=deadline.elapsed / 60, skipped_images=skipped)
+                if self.info.is_main:
+                    self.ctx.log(self.step, **rec)
+                bar.set_postfix(d=f"{rec['d_loss']:.2f}", g=f"{rec['g_adv']:.2f}")
+                sums, n = {}, 0
+            if self.step % g.sample_every == 0:
+                self.sample(f"step_{self.step:06d}")
+                if evaluator is not None and self.info.is_main:
+                    G = self.G_ema if self.G_ema is not None else self.G
+                    m = evaluator(G, self)
+                    m["minutes"] = deadline.elapsed / 60
+                    self.history.append({"step": self.step, **m})
+                    self.ctx.log(self.step, **{f"eval_{k}": v for k, v in m.items()})
+                    echo(f"[gan] step {self.step}: colour {m['colour_acc']:.3f} shape {m['shape_acc']:.3f} "
+                         f"SOA-I {m['soa_i']:.3f} ({m['minutes']:.1f} min)")
+            if self.step % g.checkpoint_every == 0:
+                self.spent = deadline.elapsed
+                self.save()
+        bar.close()
+        self.spent = deadline.elapsed
+        self.save()
+        self.export()
+        self.sample(f"step_{self.step:06d}")
+        return {"steps": self.step, "minutes": self.spent / 60, "stopped_early": stopped,
+                "skipped_images": skipped, "history": self.history[-20:]}
+
+
+class _QuickEval:
+    """Evaluator scores of the current generator on a few hundred test captions (shapes world only)."""
+
+    def __init__(self, judge, data, ds, device, n):
+        self.judge, self.data, self.ds, self.device, self.n = judge, data, ds, device, n
+
+    @classmethod
+    def maybe(cls, cfg: Config, ctx: StageContext, device) -> "_QuickEval | None":
+        if cfg.data.source != "shapes" or not (ctx.run_dir / "evaluator" / "done.json").exists():
+            return None
+        from .evaluator import load_evaluator
+
+        judge = load_evaluator(ctx.run_dir, device)
+        data = load_split(ctx.run_dir, "test")
+        sizes = stage_sizes(final_size(cfg), cfg.model.branch_num)
+        return cls(judge, data, CaptionDataset(data, sizes, cfg.text.eval_words_num, train=False), device,
+                   min(cfg.gan.eval_images, len(data)))
+
+    @torch.no_grad()
+    def __call__(self, G, trainer: Trainer) -> dict:
+        from .evaluate import generate_batches, soa_of_images
+
+        was = G.training
+        G.eval()
+        imgs, caps = [], []
+        for fake, b in generate_batches(G, trainer.enc, self.ds, self.device, self.n, batch_size=50,
+                                        seed=0, truncation=None):
+            imgs.append(fake[-1].cpu())
+            caps += [self.data.records[int(i)]["captions"][0] for i in b["index"]]
+        G.train(was)
+        return soa_of_images(self.judge, torch.cat(imgs), caps, self.device)
+
+
+def run(cfg: Config, ctx: StageContext) -> dict:
+    trainer = Trainer(cfg, ctx)
+    return trainer.run()
+
+
+STAGE = Stage(name="gan", run=run, upstream=("vocab", "detector", "memory", "damsm"),
+              config_keys=("gan", "model", "text.words_num", "text.eval_words_num", "data.augment"),
+              help="train the generator and discriminators")
