@@ -62,6 +62,17 @@ def cmd_stage(args) -> int:
     return 0 if all(r.get("status") != "interrupted" for r in res.values()) else 130
 
 
+def cmd_evaluate(args) -> int:
+    if args.run:
+        from .commands import cmd_evaluate_run
+
+        return cmd_evaluate_run(args)
+    if not args.config:
+        raise SystemExit("error: give --run RUN_DIR (a finished run) or a CONFIG and --out RUN_DIR")
+    args.command = "evaluate"
+    return cmd_stage(args)
+
+
 def cmd_data(args) -> int:
     from .data import shapes
 
@@ -149,9 +160,23 @@ def build_parser() -> argparse.ArgumentParser:
         "gan": "train the generator and discriminators", "evaluate": "compute every metric (and the real ceiling)",
     }
     for name in PIPELINE:
+        if name == "evaluate":
+            continue
         sp = sub.add_parser(name, help=f"stage: {helps[name]}")
         _add_config_args(sp)
         sp.set_defaults(func=cmd_stage)
+    sp = sub.add_parser("evaluate", help="metrics of a run: `cpgan evaluate --run RUN_DIR [--n N]` (or as a stage: "
+                        "`cpgan evaluate CONFIG --out RUN_DIR`)",
+                        description="Generate images for test captions with the run's generator and compute "
+                                    "R-precision (both protocols), SOA, colour/shape/background accuracy, FID and IS; "
+                                    "the same metrics on the real test images are the ceiling. Writes "
+                                    "RUN_DIR/evaluate/metrics.json and prints a table.")
+    _add_config_args(sp, config_required=False)
+    sp.add_argument("--run", help="evaluate this finished run directory (uses its config.yaml)")
+    sp.add_argument("--n", type=int, default=None, help="captions per split (default: evaluate.n_images)")
+    sp.add_argument("--untrained", action="store_true", help="score an untrained generator (the floor)")
+    sp.add_argument("--device", default=None)
+    sp.set_defaults(func=cmd_evaluate)
 
     sp = sub.add_parser("config", help="print the resolved config of a preset (or --keys: every valid key)")
     sp.add_argument("config", nargs="?")
