@@ -270,11 +270,14 @@ def test_attngan_variant_without_residual_path():
     g.eval()
     sentence, words, mask = _text(2, 6, [3, 2])
     eps = torch.randn(2, 3)
+    z = torch.randn(2, 5)
     with torch.no_grad():
-        images, _, _, _ = g(torch.randn(2, 5), sentence, words, mask, ca_eps=eps)
+        images, _, _, _ = g(z, sentence, words, mask, ca_eps=eps)
         c, _, _ = g.ca_net(sentence, eps)
-        h1 = g.h_net1(torch.zeros(0), c) if False else None  # noqa: F841 (kept simple below)
+        h2, _ = g.h_net2(g.h_net1(z, c), words, mask)  # AttnGAN: C1 = G1(C0), no residual path
+        expected = g.img_net2(h2)
     assert images[1].shape == (2, 3, 16, 16)
+    torch.testing.assert_close(images[1], expected)
 
 
 def test_every_parameter_gets_a_gradient():
@@ -309,7 +312,7 @@ def _slow_attention(h, words, mask, w_ctx, bug):
     """AttnGAN GlobalAttentionGeneral with explicit loops over rows; bug -> mask.repeat(queryL, 1)."""
     b_sz, c, hh, ww = h.shape
     q_len = hh * ww
-    src = torch.einsum("ct,bts->bcs", w_ctx[:, :, 0, 0], words.transpose(1, 2).transpose(1, 2).transpose(1, 2).transpose(1, 2)) if False else torch.einsum("cd,bdt->bct", w_ctx[:, :, 0, 0], words)
+    src = torch.einsum("cd,bdt->bct", w_ctx[:, :, 0, 0], words)  # conv_context, (B, idf, T)
     rep = mask.repeat(q_len, 1) if mask is not None else None  # (B*Q, T), literally as released
     ctx = torch.zeros(b_sz, c, q_len)
     att = torch.zeros(b_sz, words.shape[2], q_len)

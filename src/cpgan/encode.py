@@ -90,3 +90,26 @@ def store_lookup(run_dir: Path, device: torch.device | str = "cpu") -> Callable:
         return (torch.as_tensor(b["feats"]).float().to(device), torch.as_tensor(b["valid"]).bool().to(device))
 
     return lookup
+
+
+def detector_object_fn(cfg, run_dir: Path, device: torch.device | str = "cpu") -> ObjectFn:
+    """The OAIE's object path for images without stored features (generated images).
+
+    The run's detector (frozen, eval mode) picks the top boxes without gradient; the RoIAlign features keep
+    the graph back to the pixels, so TISCL reaches the generator through the detector's feature path
+    (DESIGN §3.2).
+    """
+    from .models.yolo import region_features
+    from .stages.detector import load_detector
+
+    det = load_detector(cfg, run_dir, device)
+    d = cfg.detector
+
+    def fn(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        rf = region_features(det, images, top_k=cfg.model.num_regions,
+                             feature_layer=d.feature_layer if d.feature_layer >= 0 else None,
+                             conf_thresh=d.conf_thresh, nms_thresh=d.nms_thresh, value_range=(-1.0, 1.0),
+                             input_size=d.input_size)
+        return rf.feats, rf.valid
+
+    return fn

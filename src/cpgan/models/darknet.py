@@ -229,14 +229,39 @@ class _Act(nn.Module):
         return self.name
 
 
+def _linear(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def _loggy(x: torch.Tensor) -> torch.Tensor:
+    return 2.0 * torch.sigmoid(x) - 1.0
+
+
+def _relie(x: torch.Tensor) -> torch.Tensor:
+    return F.leaky_relu(x, 0.01)
+
+
+def _ramp(x: torch.Tensor) -> torch.Tensor:
+    return x * (x > 0) + 0.1 * x
+
+
+def _leaky(x: torch.Tensor) -> torch.Tensor:
+    return F.leaky_relu(x, 0.1)
+
+
+def _hardtan(x: torch.Tensor) -> torch.Tensor:
+    return x.clamp(-1.0, 1.0)
+
+
+# module-level functions (not lambdas) so that models stay picklable
 _ACTS = {
-    "linear": lambda x: x,
+    "linear": _linear,
     "logistic": torch.sigmoid,
-    "loggy": lambda x: 2.0 * torch.sigmoid(x) - 1.0,
+    "loggy": _loggy,
     "relu": F.relu,
-    "relie": lambda x: F.leaky_relu(x, 0.01),
-    "ramp": lambda x: x * (x > 0) + 0.1 * x,
-    "leaky": lambda x: F.leaky_relu(x, 0.1),
+    "relie": _relie,
+    "ramp": _ramp,
+    "leaky": _leaky,
     "tanh": torch.tanh,
     "elu": F.elu,
     "selu": F.selu,
@@ -244,7 +269,7 @@ _ACTS = {
     "swish": F.silu,
     "relu6": F.relu6,
     "gelu": F.gelu,
-    "hardtan": lambda x: x.clamp(-1.0, 1.0),
+    "hardtan": _hardtan,
 }
 
 

@@ -386,10 +386,16 @@ def init_weights_attngan(module: nn.Module) -> None:
     Spectral-normalised layers are initialised through their ``original`` weight.
     """
     if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Linear)):
-        weight = module.parametrizations.weight.original if hasattr(module, "parametrizations") else module.weight
+        param_list = getattr(getattr(module, "parametrizations", None), "weight", None)
+        weight = param_list.original if param_list is not None else module.weight
         nn.init.orthogonal_(weight, gain=1.0)
         if module.bias is not None and isinstance(module, nn.Linear):
             nn.init.zeros_(module.bias)
+        if param_list is not None:  # spectral norm: refresh the power-iteration vectors for the new weight
+            for p in param_list:
+                if hasattr(p, "_power_method") and hasattr(p, "_reshape_weight_to_matrix"):
+                    with torch.no_grad():
+                        p._power_method(p._reshape_weight_to_matrix(weight), 50)
     elif isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
         if module.weight is not None:
             nn.init.normal_(module.weight, 1.0, 0.02)
@@ -421,19 +427,24 @@ def truncated_noise(
         raise ValueError(f"truncation must be > 0 (or None for no truncation), got {truncation}")
     if math.isinf(truncation):
         return torch.randn(batch, z_dim, generator=generator, device=device, dtype=dtype)
+    # largest value of `dtype` that is <= truncation, so |z| <= truncation holds exactly after the cast
+    bound = torch.tensor(truncation, dtype=dtype)
+    if float(bound) > truncation:
+        bound = torch.nextafter(bound, torch.zeros_like(bound))
+    bound_f = float(bound)
     if method == "inverse_cdf":
         # work in float64 so tails (Phi close to 0 / 1) stay accurate, then cast
         lo = 0.5 * math.erfc(truncation / math.sqrt(2.0))  # Phi(-t)
         u = torch.rand(batch, z_dim, generator=generator, device=device, dtype=torch.float64)
         z = torch.special.ndtri(lo + u * (1.0 - 2.0 * lo))
-        return z.clamp_(-truncation, truncation).to(dtype)
+        return z.to(dtype).clamp_(-bound_f, bound_f)
     if method == "resample":
         z = torch.randn(batch, z_dim, generator=generator, device=device, dtype=dtype)
-        bad = z.abs() > truncation
+        bad = z.abs() > bound_f
         while bool(bad.any()):
             fresh = torch.randn(int(bad.sum()), generator=generator, device=device, dtype=dtype)
             z[bad] = fresh
-            bad = z.abs() > truncation
+            bad = z.abs() > bound_f
         return z
     raise ValueError(f"method must be 'inverse_cdf' or 'resample', got {method!r}")
 
