@@ -50,7 +50,12 @@ def cmd_run(args) -> int:
 
     cfg = _load(args)
     only = [s.strip() for s in args.stages.split(",")] if args.stages else None
-    res = run_stages(cfg, _run_dir(args, cfg), only=only, force=args.force)
+    run_dir = _run_dir(args, cfg)
+    res = run_stages(cfg, run_dir, only=only, force=args.force)
+    from .report import write_report
+    from .utils.logging import echo
+
+    echo(f"[cpgan] report: {write_report(run_dir).resolve()}")
     return 0 if all(r.get("status") != "interrupted" for r in res.values()) else 130
 
 
@@ -117,6 +122,9 @@ def cmd_demo(args) -> int:
     missing = [n for n, s in stages.items() if s is None]
     t0 = time.time()
     res = run_stages(cfg, Path(args.out))
+    from .report import write_report
+
+    write_report(Path(args.out))
     echo("")
     echo(f"[cpgan] demo run in {args.out} ({time.time() - t0:.0f} s this time)")
     for name, r in res.items():

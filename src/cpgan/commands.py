@@ -95,6 +95,9 @@ def register(sub) -> None:
         pass
     else:
         add_serve_command(sub)
+    from .report import add_report_command
+
+    add_report_command(sub)
     try:
         from .ablate import add_ablate_command
     except ImportError:

@@ -41,6 +41,17 @@ class Sampler:
         self.max_words = cfg.text.eval_words_num
         self.stage_sizes = [self.G.base_size * 2 ** i for i in range(self.G.branch_num)]
         self.name = Path(run_dir).name
+        self.examples = self._examples()
+
+    def _examples(self, n: int = 6) -> list[str]:
+        """A few test captions, shown as clickable examples by the web page."""
+        try:
+            from .data.dataset import load_split
+
+            recs = load_split(self.run_dir, "test").records
+            return [r["captions"][0] for r in recs[:n] if r.get("captions")]
+        except Exception:  # noqa: BLE001 - examples are optional
+            return []
 
     @classmethod
     def from_run(cls, run_dir: str | Path, device: str = "cpu") -> "Sampler":
