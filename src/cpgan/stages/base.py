@@ -26,7 +26,9 @@ import json
 
 import torch
 
-from ..config import Config, dump_yaml, hash_of, section_hash
+import dataclasses
+
+from ..config import Config, dump_yaml, get_key, hash_of, section_hash, to_dict
 from ..utils.checkpoint import atomic_write_json, atomic_write_text
 from ..utils.logging import JsonlLogger, echo
 
@@ -43,6 +45,10 @@ class Stage:
     config_keys: tuple[str, ...] = ()
     needed: Callable[[Config], bool] = lambda cfg: True
     help: str = ""
+    budget_keys: tuple[str, ...] = ()
+    """Dotted keys that only set how long the stage trains or how often it logs (``gan.steps``,
+    ``gan.max_minutes``...). Changing them re-runs the stage but keeps its checkpoint, so training continues
+    where it stopped instead of starting over."""
 
 
 class Interrupted(Exception):
@@ -150,6 +156,25 @@ def stage_hash(cfg: Config, name: str, stages: dict[str, Stage], cache: dict[str
     return h
 
 
+def identity_hash(cfg: Config, name: str, stages: dict[str, Stage], cache: dict[str, str] | None = None) -> str:
+    """Like :func:`stage_hash` but blind to the stage's budget keys: partial work with the same identity
+    hash is resumed; a different identity hash means the folder is stale and is cleared."""
+    st = stages[name]
+    cache = {} if cache is None else cache
+    ups = {u: stage_hash(cfg, u, stages, cache) for u in st.upstream if u in stages and stages[u].needed(cfg)}
+    conf = {}
+    for k in st.config_keys:
+        v = get_key(cfg, k)
+        v = to_dict(v) if dataclasses.is_dataclass(v) else v
+        if isinstance(v, dict):
+            prefix = k + "."
+            v = {kk: vv for kk, vv in v.items() if prefix + kk not in st.budget_keys}
+        elif k in st.budget_keys:
+            continue
+        conf[k] = v
+    return hash_of({"stage": name, "identity": conf, "upstream": ups})
+
+
 def stage_status(run_dir: Path, name: str) -> dict | None:
     p = run_dir / name / "done.json"
     if not p.exists():
@@ -221,12 +246,13 @@ def run_stages(cfg: Config, run_dir: str | Path, only: list[str] | None = None, 
                                 raise StageError(
                                     f"stage '{name}' needs '{u}', which is missing or out of date in {run_dir}; "
                                     f"add it to --stages or run `cpgan run CONFIG --out {run_dir}`")
-            # Partial work from another configuration must not be resumed.
+            # Partial work from another configuration must not be resumed (a budget change keeps it).
+            ident = identity_hash(cfg, name, stages, hashes)
             marker = sdir / "config_hash"
-            if sdir.exists() and (force or not marker.exists() or marker.read_text().strip() != h):
+            if sdir.exists() and (force or not marker.exists() or marker.read_text().strip() != ident):
                 shutil.rmtree(sdir)
             sdir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(marker, h)
+            atomic_write_text(marker, ident)
             (sdir / "done.json").unlink(missing_ok=True)
             echo(f"[cpgan] {name:10s} running -> {sdir}")
             t0 = time.time()

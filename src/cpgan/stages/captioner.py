@@ -267,7 +267,7 @@ def run(cfg: Config, ctx: StageContext) -> dict:
             if c.grad_clip > 0:
                 torch.nn.utils.clip_grad_value_(model.parameters(), c.grad_clip)
             opt.step()
-            run_sum += float(loss)
+            run_sum += float(loss.detach())
             run_n += 1
         if c.log_every > 0 and step % c.log_every == 0 and run_n:
             ctx.log(step, loss=run_sum / run_n, minutes=deadline.elapsed / 60)

@@ -237,4 +237,5 @@ STAGE = Stage(name="damsm", run=run, upstream=("vocab", "detector", "memory"),
                            "model.image_encoder", "model.embedding_dim", "model.word_dim", "model.memory_dim",
                            "model.image_backbone", "model.image_backbone_width", "model.inception_weights",
                            "model.grid_size"),
+              budget_keys=("damsm.epochs", "damsm.max_minutes"),
               help="pretrain the DAMSM text/image encoders")

@@ -231,4 +231,5 @@ def run(cfg: Config, ctx: StageContext) -> dict:
 
 STAGE = Stage(name="detector", run=run, upstream=("vocab",),
               config_keys=("detector", "model.num_regions"), needed=uses_detector,
+              budget_keys=("detector.steps", "detector.max_minutes"),
               help="train/load the YOLOv3 detector and write region features")

@@ -88,4 +88,5 @@ def run(cfg: Config, ctx: StageContext) -> dict:
 
 STAGE = Stage(name="evaluator", run=run, upstream=("data",), config_keys=("evaluator",),
               needed=lambda cfg: cfg.data.source == "shapes",
+              budget_keys=("evaluator.steps", "evaluator.max_minutes"),
               help="train the shapes-world judge")

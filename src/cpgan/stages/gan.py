@@ -385,4 +385,5 @@ def run(cfg: Config, ctx: StageContext) -> dict:
 
 STAGE = Stage(name="gan", run=run, upstream=("vocab", "detector", "memory", "damsm"),
               config_keys=("gan", "model", "text.words_num", "text.eval_words_num", "data.augment"),
+              budget_keys=("gan.steps", "gan.max_minutes", "gan.checkpoint_every", "gan.sample_every", "gan.log_every", "gan.eval_images"),
               help="train the generator and discriminators")
