@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cpgan.models.attention import lengths_to_mask, pairwise_word_region_attention
+from cpgan.models.attention import attention_from_scores, lengths_to_mask
 
 __all__ = [
     "cosine_similarity_matrix",
@@ -131,11 +131,21 @@ def word_level_scores(
     # Padding values are never used: zero them so garbage (even inf/NaN) cannot leak into the
     # forward pass or the gradients (their gradient is exactly zero).
     words = words.masked_fill(~word_mask.unsqueeze(1), 0.0)
-    context, attn = pairwise_word_region_attention(words, regions, gamma1, word_mask, region_mask)
-    # R(c_t, e_t) = cos(c_t, e_t), AttnGAN ``cosine_similarity`` (product of norms clamped at eps).
-    words_t = words.transpose(1, 2)  # (Bc, T, d)
-    dots = torch.einsum("ictd,ctd->ict", context, words_t)  # (Bi, Bc, T)
-    norms = context.norm(dim=-1) * words_t.norm(dim=-1).unsqueeze(0)
+    regions = regions.flatten(2) if regions.dim() == 4 else regions
+    # Word-region similarities s[i, c, t, r] = e_ct . v_ir (one GEMM) and the attention alpha over regions.
+    sim = torch.einsum("cdt,idr->ictr", words, regions)  # (Bi, Bc, T, R)
+    attn = attention_from_scores(
+        sim, gamma1, word_mask[None, :, :, None],
+        None if region_mask is None else region_mask[:, None, None, :])
+    # R(c_t, e_t) = cos(c_t, e_t) with the region context c_t = sum_r alpha_r v_r (AttnGAN ``cosine_similarity``,
+    # product of norms clamped at eps), computed without materialising c (Bi x Bc x T x d):
+    #   c_t . e_t = sum_r alpha_r s_r   and   |c_t|^2 = alpha^T G alpha  with the Gram matrix G = V^T V (R x R).
+    dots = (attn * sim).sum(-1)  # (Bi, Bc, T)
+    gram = regions.transpose(1, 2) @ regions  # (Bi, R, R)
+    bi, bc, t, r = attn.shape
+    ctx_sq = ((attn.reshape(bi, bc * t, r) @ gram).reshape(bi, bc, t, r) * attn).sum(-1)
+    ctx_norm = ctx_sq.clamp(min=1e-30).sqrt()  # padding rows (alpha = 0) get a zero gradient, never NaN
+    norms = ctx_norm * words.norm(dim=1).unsqueeze(0)  # (Bi, Bc, T)
     rel = dots / norms.clamp(min=eps)
     # log sum_t exp(gamma2 R_t) over the caption's real words (AttnGAN eq. (10) as coded).
     rel = (gamma2 * rel).masked_fill(~word_mask.unsqueeze(0), float("-inf"))
