@@ -45,6 +45,8 @@ class Stage:
     config_keys: tuple[str, ...] = ()
     needed: Callable[[Config], bool] = lambda cfg: True
     help: str = ""
+    distributed: bool = False
+    """Runs on every rank under torchrun (DDP-aware). Other stages run on rank 0 while the others wait."""
     budget_keys: tuple[str, ...] = ()
     """Dotted keys that only set how long the stage trains or how often it logs (``gan.steps``,
     ``gan.max_minutes``...). Changing them re-runs the stage but keeps its checkpoint, so training continues
@@ -211,13 +213,19 @@ def run_stages(cfg: Config, run_dir: str | Path, only: list[str] | None = None, 
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
+    import os
+
+    if int(os.environ.get("RANK", "0")) == 0:
+        atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
     stages = registry()
     if only:
         unknown = [s for s in only if s not in stages]
         if unknown:
             raise StageError(f"unknown stage(s) {', '.join(unknown)}; stages: {', '.join(stages)}")
     device = resolve_device(cfg.device)
+    from ..utils import distributed as dist
+
+    info, device = dist.init(device)
     hashes: dict[str, str] = {}
     results: dict[str, dict] = {}
     flag = [False]
@@ -233,9 +241,17 @@ def run_stages(cfg: Config, run_dir: str | Path, only: list[str] | None = None, 
             h = stage_hash(cfg, name, stages, hashes)
             sdir = run_dir / name
             done = stage_status(run_dir, name)
+            if info.enabled and not st.distributed:
+                # single-process stage under torchrun: rank 0 works, the others wait for it
+                if not info.is_main:
+                    dist.barrier(info)
+                    results[name] = {"status": "rank 0"}
+                    continue
             if done and done.get("hash") == h and not force:
                 echo(f"[cpgan] {name:10s} up to date (finished {done.get('finished', '?')}, {done.get('seconds', 0):.0f} s)")
                 results[name] = {"status": "skipped", **done.get("summary", {})}
+                if info.enabled and not st.distributed:
+                    dist.barrier(info)
                 continue
             if not strict_upstream:
                 for u in st.upstream:
@@ -249,14 +265,17 @@ def run_stages(cfg: Config, run_dir: str | Path, only: list[str] | None = None, 
             # Partial work from another configuration must not be resumed (a budget change keeps it).
             ident = identity_hash(cfg, name, stages, hashes)
             marker = sdir / "config_hash"
-            if sdir.exists() and (force or not marker.exists() or marker.read_text().strip() != ident):
-                shutil.rmtree(sdir)
-            sdir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(marker, ident)
-            (sdir / "done.json").unlink(missing_ok=True)
+            if info.is_main:
+                if sdir.exists() and (force or not marker.exists() or marker.read_text().strip() != ident):
+                    shutil.rmtree(sdir)
+                sdir.mkdir(parents=True, exist_ok=True)
+                atomic_write_text(marker, ident)
+                (sdir / "done.json").unlink(missing_ok=True)
+            dist.barrier(info) if st.distributed else None
             echo(f"[cpgan] {name:10s} running -> {sdir}")
             t0 = time.time()
-            with JsonlLogger(sdir / "metrics.jsonl", stage=name) as logger:
+            log_path = sdir / ("metrics.jsonl" if info.is_main else f"metrics.rank{info.rank}.jsonl")
+            with JsonlLogger(log_path, stage=name) as logger:
                 ctx = StageContext(run_dir=run_dir, stage=name, device=device, logger=logger, hashes=hashes,
                                    _stop=flag)
                 summary = st.run(cfg, ctx) or {}
@@ -265,10 +284,14 @@ def run_stages(cfg: Config, run_dir: str | Path, only: list[str] | None = None, 
                 echo(f"[cpgan] {name:10s} interrupted after {seconds:.0f} s; its checkpoint is saved — run again to resume")
                 results[name] = {"status": "interrupted", **summary}
                 break
-            atomic_write_json(sdir / "done.json", {
-                "hash": h, "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "seconds": seconds, "summary": summary})
+            if info.is_main:
+                atomic_write_json(sdir / "done.json", {
+                    "hash": h, "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "seconds": seconds,
+                    "summary": summary})
             echo(f"[cpgan] {name:10s} done in {seconds:.0f} s")
             results[name] = {"status": "done", "seconds": seconds, **summary}
+            if info.enabled and not st.distributed:
+                dist.barrier(info)
     finally:
         for sig, prev in previous.items():
             signal.signal(sig, prev)

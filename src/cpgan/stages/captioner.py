@@ -25,7 +25,8 @@ Choices (documented; the configurable ones are ``captioner.*`` keys):
   ``hidden_dim``, ``att_dim``; the rest of the architecture is :class:`cpgan.models.captioner.UpDownCaptioner`'s
   paper defaults (bias-free attention, N(0, 0.01) init, forget bias 1).
 * **Budget**: ``steps`` optimiser steps or ``max_minutes`` of wall clock, whichever ends first; the final
-  weights are kept (the validation history is in ``metrics.jsonl``).
+  weights are kept (the validation history is in ``metrics.jsonl``).  These and the logging cadences are the
+  stage's budget keys: raising ``steps`` or ``max_minutes`` later continues from the final checkpoint.
 
 Validation (every ``val_every`` steps and at the end): teacher-forced loss and next-word accuracy over all
 captions of the first ``val_images`` test images, plus greedy-decoded captions of ``num_samples`` test images
@@ -214,6 +215,7 @@ def run(cfg: Config, ctx: StageContext) -> dict:
         run_sum, run_n = st["run_sum"], st["run_n"]
         set_rng_state(st["rng"])
         echo(f"[captioner] resuming at step {step}")
+    resumed_from = step
     deadline = Deadline(c.max_minutes, spent)
 
     def save() -> None:
@@ -287,7 +289,7 @@ def run(cfg: Config, ctx: StageContext) -> dict:
             "val_loss": final["loss"], "val_accuracy": final["accuracy"], "captioner": vars(c)}
     save_weights(ctx.dir / WEIGHTS, model.state_dict(), meta)
     save()
-    summary = {"steps": step, "minutes": deadline.elapsed / 60, "val_loss": final["loss"],
+    summary = {"steps": step, "resumed_from_step": resumed_from, "minutes": deadline.elapsed / 60, "val_loss": final["loss"],
                "val_accuracy": final["accuracy"], "train_images": len(train),
                "skipped_draws_without_regions": skipped_images,
                "samples": [f"{s['predicted']}  ||  ref: {s['reference']}" for s in final["samples"]],
@@ -297,4 +299,6 @@ def run(cfg: Config, ctx: StageContext) -> dict:
 
 STAGE = Stage(name="captioner", run=run, upstream=("vocab", "detector"), config_keys=("captioner",),
               needed=lambda cfg: cfg.model.text_encoder == "mate",
-              help="train the Bottom-Up/Top-Down captioner on region features")
+              help="train the Bottom-Up/Top-Down captioner on region features",
+              budget_keys=("captioner.steps", "captioner.max_minutes", "captioner.log_every", "captioner.val_every",
+                           "captioner.num_samples", "captioner.checkpoint_every"))

@@ -142,13 +142,17 @@ class Trainer:
         self.G_ema = copy.deepcopy(self.G).eval() if g.ema_decay > 0 else None
         self.opt_g = torch.optim.Adam(self.G.parameters(), lr=g.lr_g, betas=(g.beta1, g.beta2))
         self.opt_d = [torch.optim.Adam(d.parameters(), lr=g.lr_d, betas=(g.beta1, g.beta2)) for d in self.Ds]
-        self.Gw = dist.wrap(self.G, self.info, dev)
-        self.Dw = [dist.wrap(d, self.info, dev) for d in self.Ds]
+        # Under torchrun the gradients are averaged by hand (dist.average_gradients): see its docstring.
+        self.Gw, self.Dw = self.G, list(self.Ds)
         self.step, self.spent, self.history = 0, 0.0, []
         self.state_path = ctx.dir / STATE
         if self.state_path.exists():
             self.load(self.state_path)
             echo(f"[gan] resuming at step {self.step}")
+        dist.broadcast_module(self.G, self.info)
+        dist.broadcast_module(self.Ds, self.info)
+        if self.G_ema is not None:
+            dist.broadcast_module(self.G_ema, self.info)
         self.fixed = self._fixed_batch()
 
     # ---- checkpoints -------------------------------------------------------------------------
@@ -197,7 +201,7 @@ class Trainer:
         words, sent, mask = self._text(caps, lens)
         wwords, wsent, wmask = self._text(wcaps, wlens)
         B = caps.shape[0]
-        gen = step_generator(g.seed, self.step)
+        gen = step_generator(g.seed, self.step * self.info.world + self.info.rank)
         z = truncated_noise(B, cfg.model.z_dim, None, generator=gen).to(dev)
         eps = torch.randn(B, cfg.model.condition_dim, generator=gen).to(dev)
         fakes, _, mu, logvar = self.Gw(z, sent, words, mask, eps)
@@ -207,11 +211,12 @@ class Trainer:
         for i, (D, opt) in enumerate(zip(self.Dw, self.opt_d)):
             f_real = D(reals[i])
             f_fake = D(fakes[i].detach())
-            Dm = dist.unwrap(D)
+            Dm = D
             out = d_hinge_loss(Dm.uncond(f_real), Dm.uncond(f_fake), Dm.cond(f_real, sent, words, mask),
                                Dm.cond(f_fake, sent, words, mask), Dm.cond(f_real, wsent, wwords, wmask))
             opt.zero_grad(set_to_none=True)
             out["loss"].backward()
+            dist.average_gradients(self.Ds[i], self.info)
             opt.step()
             d_total += float(out["loss"].detach())
             logs[f"d{i}_loss"] = float(out["loss"].detach())
@@ -223,7 +228,7 @@ class Trainer:
         loss = torch.zeros((), device=dev)
         for i, D in enumerate(self.Dw):
             f_fake = D(fakes[i])
-            Dm = dist.unwrap(D)
+            Dm = D
             out = g_hinge_loss(Dm.uncond(f_fake), Dm.cond(f_fake, sent, words, mask))
             loss = loss + out["loss"]
             g_adv += float(out["loss"].detach())
@@ -239,6 +244,7 @@ class Trainer:
             logs["tiscl"] = float(t["loss"].detach())
         self.opt_g.zero_grad(set_to_none=True)
         loss.backward()
+        dist.average_gradients(self.G, self.info)
         self.opt_g.step()
         for D in self.Ds:
             D.requires_grad_(True)
@@ -383,7 +389,7 @@ def run(cfg: Config, ctx: StageContext) -> dict:
     return trainer.run()
 
 
-STAGE = Stage(name="gan", run=run, upstream=("vocab", "detector", "memory", "damsm"),
+STAGE = Stage(name="gan", run=run, distributed=True, upstream=("vocab", "detector", "memory", "damsm"),
               config_keys=("gan", "model", "text.words_num", "text.eval_words_num", "data.augment"),
               budget_keys=("gan.steps", "gan.max_minutes", "gan.checkpoint_every", "gan.sample_every", "gan.log_every", "gan.eval_images"),
               help="train the generator and discriminators")

@@ -34,7 +34,10 @@ Shapes world report (``data.source == "shapes"``):
   region q_n has its box centre inside the ground-truth box of an object of that colour / shape;
   ``salient_on_object_chance`` is the same share when q_n is drawn uniformly among the image's valid regions
   (per record: the fraction of valid regions whose centre lies in such a box); ``..._topk`` is the rate over the
-  (word, image) entries finally kept in the bank;
+  (word, image) entries finally kept in the bank; ``salient_on_any_object_rate`` (q_n on any object) and
+  ``salient_named_given_object_rate`` vs ``..._chance`` (among records whose q_n is on an object, the share on a
+  named one, vs the share of the image's on-object regions that are named) separate "finds objects" from
+  "finds the object the word names";
 * a cosine-similarity table of memories — synonym pairs (ball/circle, box/square, big/large, little/small, ...)
   vs unrelated pairs (circle/star, red/blue, ...) — raw and after subtracting the mean memory of the seen words
   (detector features share a large common component), written to ``memory/similarity.json``.
@@ -96,12 +99,13 @@ def object_tables(data: SplitData) -> dict[str, torch.Tensor]:
 
 
 def on_object(region_boxes: torch.Tensor, word_ids: torch.Tensor, obj_boxes: torch.Tensor, obj_colour: torch.Tensor,
-              obj_shape: torch.Tensor, colour_of: torch.Tensor, shape_of: torch.Tensor) -> torch.Tensor:
+              obj_shape: torch.Tensor, colour_of: torch.Tensor, shape_of: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per record n and region i: is the centre of region box i inside the box of an object that the record's
-    word names (its colour for a colour word, its shape for a shape word)?
+    word names (its colour for a colour word, its shape for a shape word)?  And inside the box of any object?
 
     ``region_boxes (N, R, 4)``, ``word_ids (N,)``, ``obj_boxes (N, O, 4)``, ``obj_colour``/``obj_shape (N, O)``
-    (-1 = no object), ``colour_of``/``shape_of (V,)`` from :func:`word_categories`.  Returns ``(N, R)`` bool.
+    (-1 = no object), ``colour_of``/``shape_of (V,)`` from :func:`word_categories`.  Returns ``(named (N, R),
+    any (N, R))`` bool.
     """
     wc, ws = colour_of[word_ids].unsqueeze(1), shape_of[word_ids].unsqueeze(1)  # (N, 1)
     match = ((wc >= 0) & (obj_colour == wc)) | ((ws >= 0) & (obj_shape == ws))  # (N, O)
@@ -109,7 +113,8 @@ def on_object(region_boxes: torch.Tensor, word_ids: torch.Tensor, obj_boxes: tor
     cy = (region_boxes[..., 1] + region_boxes[..., 3]).unsqueeze(-1) / 2
     ob = obj_boxes.unsqueeze(1)  # (N, 1, O, 4)
     inside = (cx >= ob[..., 0]) & (cx <= ob[..., 2]) & (cy >= ob[..., 1]) & (cy <= ob[..., 3])  # (N, R, O)
-    return (inside & match.unsqueeze(1)).any(-1)
+    inside = inside & (obj_colour >= 0).unsqueeze(1)
+    return (inside & match.unsqueeze(1)).any(-1), inside.any(-1)
 
 
 def _pairs(groups: list[list[str]]) -> list[tuple[str, str]]:
@@ -183,8 +188,23 @@ def _pad(caps: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     return out, lengths
 
 
+_STAT_KEYS = ("records", "hits", "chance", "any", "obj_records", "obj_chance")
+
+
 def _new_stats() -> dict:
-    return {f"{k}_{c}": 0.0 for c in CATEGORIES for k in ("records", "hits", "chance")}
+    return {f"{k}_{c}": 0.0 for c in CATEGORIES for k in _STAT_KEYS}
+
+
+def salience_counts(on: torch.Tensor, on_any: torch.Tensor, valid: torch.Tensor, q: torch.Tensor) -> dict:
+    """Per-record salience statistics from :func:`on_object` masks ``(N, R)``, region ``valid (N, R)`` and the
+    salient region ``q (N,)``: ``hits`` (q on a named object), ``chance`` (share of valid regions on a named
+    object), ``any`` (q on any object), ``obj_ok`` (some valid region lies on an object) and ``obj_chance``
+    (share of the valid on-object regions that are on a named object; 0 where ``obj_ok`` is False)."""
+    rows = torch.arange(on.shape[0])
+    n_valid = valid.sum(1).clamp_min(1).double()
+    n_obj = (on_any & valid).sum(1).double()
+    return {"hits": on[rows, q], "chance": (on & valid).sum(1).double() / n_valid, "any": on_any[rows, q],
+            "obj_ok": n_obj > 0, "obj_chance": (on & valid).sum(1).double() / n_obj.clamp_min(1)}
 
 
 def run(cfg: Config, ctx: StageContext) -> dict:
@@ -252,16 +272,17 @@ def run(cfg: Config, ctx: StageContext) -> dict:
             builder.update(words, img, w, f if m.store_features else None, reg)
             if report and words.numel():
                 wc = words.cpu()
-                on = on_object(boxes_u[rows][crow].cpu(), wc, objs["boxes"][img], objs["colour"][img],
-                               objs["shape"][img], colour_of, shape_of)  # (N, R)
-                vr = valid_u[rows][crow].cpu()
-                hit = on[torch.arange(on.shape[0]), reg.cpu()]
-                chance = (on & vr).sum(1).double() / vr.sum(1).clamp_min(1).double()
+                on, on_any = on_object(boxes_u[rows][crow].cpu(), wc, objs["boxes"][img], objs["colour"][img],
+                                       objs["shape"][img], colour_of, shape_of)  # (N, R)
+                sc = salience_counts(on, on_any, valid_u[rows][crow].cpu(), reg.cpu())
                 for cat, table in (("colour", colour_of), ("shape", shape_of)):
                     sel_c = table[wc] >= 0
                     stats[f"records_{cat}"] += float(sel_c.sum())
-                    stats[f"hits_{cat}"] += float(hit[sel_c].sum())
-                    stats[f"chance_{cat}"] += float(chance[sel_c].sum())
+                    stats[f"hits_{cat}"] += float(sc["hits"][sel_c].sum())
+                    stats[f"chance_{cat}"] += float(sc["chance"][sel_c].sum())
+                    stats[f"any_{cat}"] += float(sc["any"][sel_c].sum())
+                    stats[f"obj_records_{cat}"] += float(sc["obj_ok"][sel_c].sum())
+                    stats[f"obj_chance_{cat}"] += float(sc["obj_chance"][sel_c].sum())
         batch += 1
         bar.update(1)
         if m.checkpoint_every > 0 and batch % m.checkpoint_every == 0 and batch < n_batches:
@@ -271,8 +292,13 @@ def run(cfg: Config, ctx: StageContext) -> dict:
     save()
 
     def lookup(image_ids: torch.Tensor, region_ids: torch.Tensor) -> torch.Tensor:
-        b = regions.store.get_batch(regions.rows[image_ids.numpy()])
-        return torch.from_numpy(b["feats"][np.arange(len(image_ids)), region_ids.numpy()]).float()
+        """Features of (train image, region) pairs from the region store, read 256 images at a time."""
+        out = torch.empty(len(image_ids), regions.feat_dim)
+        img, reg = image_ids.numpy(), region_ids.numpy()
+        for s in range(0, len(img), 256):
+            f = regions.store.get_batch(regions.rows[img[s:s + 256]])["feats"]
+            out[s:s + 256] = torch.from_numpy(f[np.arange(len(f)), reg[s:s + 256]]).float()
+        return out
 
     mem = builder.finalize(None if m.store_features else lookup)
     seen = mem.seen  # row 0 (<end>) never occurs in a caption: zero and unseen
@@ -288,14 +314,17 @@ def run(cfg: Config, ctx: StageContext) -> dict:
     summary: dict = {"top_k": m.top_k, **counts, "minutes": clock.elapsed / 60, "resumed_at_batch": resumed_at,
                      "state_bytes": builder.state_bytes()}
     if report:
-        summary.update(_shapes_report(stats, mem, builder, regions, objs, colour_of, shape_of))
+        summary.update(_shapes_report(stats, builder, regions, objs, colour_of, shape_of))
         sim = similarity_table(mem.bank, seen, vocab)
         atomic_write_json(ctx.dir / "similarity.json", sim)
         summary["similarity"] = sim
         echo(f"[memory] salient region on a named object: colour {summary['salient_on_object_rate']['colour']:.3f} "
              f"(chance {summary['salient_on_object_chance']['colour']:.3f}), shape "
              f"{summary['salient_on_object_rate']['shape']:.3f} "
-             f"(chance {summary['salient_on_object_chance']['shape']:.3f})")
+             f"(chance {summary['salient_on_object_chance']['shape']:.3f}); on any object "
+             f"{summary['salient_on_any_object_rate']['all']:.3f}, named among objects "
+             f"{summary['salient_named_given_object_rate']['all']:.3f} "
+             f"(chance {summary['salient_named_given_object_chance']['all']:.3f})")
         if sim["mean_centred_synonyms"] is not None and sim["mean_centred_unrelated"] is not None:
             echo(f"[memory] centred cosine: synonyms {sim['mean_centred_synonyms']:.3f}, "
                  f"unrelated {sim['mean_centred_unrelated']:.3f}")
@@ -303,17 +332,23 @@ def run(cfg: Config, ctx: StageContext) -> dict:
     return summary
 
 
-def _shapes_report(stats: dict, mem, builder: MemoryBuilder, regions: RegionView, objs: dict,
+def _shapes_report(stats: dict, builder: MemoryBuilder, regions: RegionView, objs: dict,
                    colour_of: torch.Tensor, shape_of: torch.Tensor) -> dict:
-    """Salient-region-on-object rates (all records, and the entries kept in the bank) and chance levels."""
+    """Salient-region-on-object rates (all records, and the entries kept in the bank) and chance levels.
+
+    ``salient_on_object_rate`` / ``_chance``: q_n on an object the word names / the same for a uniformly drawn
+    valid region.  ``salient_on_any_object_rate``: q_n on any object.  ``salient_named_given_object_rate``: of the
+    records whose q_n is on an object, the share on a named one; ``_chance``: the share of on-object valid regions
+    that are on a named object — a captioner that finds objects but not the *named* one sits at this chance.
+    """
     def ratio(a: float, b: float) -> float | None:
         return a / b if b > 0 else None
 
-    rate = {c: ratio(stats[f"hits_{c}"], stats[f"records_{c}"]) for c in CATEGORIES}
-    chance = {c: ratio(stats[f"chance_{c}"], stats[f"records_{c}"]) for c in CATEGORIES}
-    n_all = sum(stats[f"records_{c}"] for c in CATEGORIES)
-    rate["all"] = ratio(sum(stats[f"hits_{c}"] for c in CATEGORIES), n_all)
-    chance["all"] = ratio(sum(stats[f"chance_{c}"] for c in CATEGORIES), n_all)
+    def per_cat(num: str, den: str) -> dict:
+        out = {c: ratio(stats[f"{num}_{c}"], stats[f"{den}_{c}"]) for c in CATEGORIES}
+        out["all"] = ratio(sum(stats[f"{num}_{c}"] for c in CATEGORIES), sum(stats[f"{den}_{c}"] for c in CATEGORIES))
+        return out
+
     # entries kept in the bank (word, image, region) for colour/shape words
     kept = torch.isfinite(builder.weights) & ((colour_of >= 0) | (shape_of >= 0)).unsqueeze(1)
     words, slot = kept.nonzero(as_tuple=True)
@@ -321,17 +356,22 @@ def _shapes_report(stats: dict, mem, builder: MemoryBuilder, regions: RegionView
     if words.numel():
         img, reg = builder.image_ids[words, slot], builder.region_ids[words, slot]
         boxes = torch.from_numpy(regions.store.get_batch(regions.rows[img.numpy()])["boxes"]).float()
-        on = on_object(boxes, words, objs["boxes"][img], objs["colour"][img], objs["shape"][img], colour_of, shape_of)
+        on, _ = on_object(boxes, words, objs["boxes"][img], objs["colour"][img], objs["shape"][img], colour_of,
+                          shape_of)
         hit = on[torch.arange(on.shape[0]), reg]
         for cat, table in (("colour", colour_of), ("shape", shape_of)):
             sel = table[words] >= 0
-            topk[cat] = float(hit[sel].float().mean()) if bool(sel.any()) else None
-        topk["all"] = float(hit.float().mean())
-    return {"salient_on_object_rate": rate, "salient_on_object_chance": chance,
+            topk[cat] = float(hit[sel].double().mean()) if bool(sel.any()) else None
+        topk["all"] = float(hit.double().mean())
+    return {"salient_on_object_rate": per_cat("hits", "records"),
+            "salient_on_object_chance": per_cat("chance", "records"),
+            "salient_on_any_object_rate": per_cat("any", "records"),
+            "salient_named_given_object_rate": per_cat("hits", "any"),
+            "salient_named_given_object_chance": per_cat("obj_chance", "obj_records"),
             "salient_on_object_records": {c: int(stats[f"records_{c}"]) for c in CATEGORIES},
             "salient_on_object_rate_topk": topk}
 
 
 STAGE = Stage(name="memory", run=run, upstream=("vocab", "detector", "captioner"), config_keys=("memory",),
               needed=lambda cfg: cfg.model.text_encoder == "mate",
-              help="build the word memory bank, eq. (7)")
+              help="build the word memory bank, eq. (7)", budget_keys=("memory.checkpoint_every",))

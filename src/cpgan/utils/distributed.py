@@ -83,3 +83,32 @@ def broadcast_flag(flag: bool, info: DistInfo, device: torch.device) -> bool:
     t = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item() > 0)
+
+
+def average_gradients(module: torch.nn.Module, info: DistInfo) -> None:
+    """All-reduce (mean) the gradients of ``module`` across ranks, coalesced into one flat buffer.
+
+    Used instead of the DDP wrapper by the GAN stage, whose discriminators are called several times per
+    step, through methods other than ``forward``, and with frozen parameters during the generator update —
+    patterns DDP's reducer does not support. The arithmetic is the same as DDP's (mean of rank gradients).
+    """
+    if not info.enabled:
+        return
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    if not grads:
+        return
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    flat = _flatten_dense_tensors(grads)
+    dist.all_reduce(flat)
+    flat /= info.world
+    for g, r in zip(grads, _unflatten_dense_tensors(flat, grads)):
+        g.copy_(r)
+
+
+def broadcast_module(module: torch.nn.Module, info: DistInfo) -> None:
+    """Copy rank 0's parameters and buffers to every rank (identical start)."""
+    if not info.enabled:
+        return
+    for t in list(module.parameters()) + list(module.buffers()):
+        dist.broadcast(t.data, src=0)
