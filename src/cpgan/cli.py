@@ -52,10 +52,11 @@ def cmd_run(args) -> int:
     only = [s.strip() for s in args.stages.split(",")] if args.stages else None
     run_dir = _run_dir(args, cfg)
     res = run_stages(cfg, run_dir, only=only, force=args.force)
-    from .report import write_report
-    from .utils.logging import echo
+    if int(os.environ.get("RANK", "0")) == 0:
+        from .report import write_report
+        from .utils.logging import echo
 
-    echo(f"[cpgan] report: {write_report(run_dir).resolve()}")
+        echo(f"[cpgan] report: {write_report(run_dir).resolve()}")
     return 0 if all(r.get("status") != "interrupted" for r in res.values()) else 130
 
 

@@ -89,18 +89,12 @@ def register(sub) -> None:
     sp.add_argument("--out", required=True, help="output folder")
     sp.set_defaults(func=cmd_import_official)
 
-    try:
-        from .serve.app import add_serve_command
-    except ImportError:
-        pass
-    else:
-        add_serve_command(sub)
+    from .serve.app import add_serve_command
+
+    add_serve_command(sub)
     from .report import add_report_command
 
     add_report_command(sub)
-    try:
-        from .ablate import add_ablate_command
-    except ImportError:
-        pass
-    else:
-        add_ablate_command(sub)
+    from .ablate import add_ablate_command
+
+    add_ablate_command(sub)
