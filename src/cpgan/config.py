@@ -146,6 +146,22 @@ class CaptionerConfig:
     batch_size: int = 64
     lr: float = 5e-4
     seed: int = 0
+    dropout: float = 0.5
+    """Dropout on the language-LSTM output before the word classifier (common BUTD reimplementations)."""
+    max_words: int = 20
+    """Training captions are cut to their first ``max_words`` words (release: 20; ruotianluo: 16)."""
+    grad_clip: float = 0.1
+    """Clip every gradient element to [-grad_clip, grad_clip] (ruotianluo ``grad_clip_mode=value``; 0 = off)."""
+    log_every: int = 50
+    """Steps between training-loss log lines."""
+    val_every: int = 500
+    """Steps between validations on the test split (teacher-forced loss, greedy samples); also at the end."""
+    val_images: int = 500
+    """Validate on (all captions of) the first ``val_images`` test images (0 = all)."""
+    num_samples: int = 5
+    """Test images whose greedy-decoded captions are logged at every validation (sanity check)."""
+    checkpoint_every: int = 200
+    """Steps between resumable checkpoints (also written on SIGTERM and when the time budget ends)."""
 
 
 @dataclass
@@ -155,6 +171,13 @@ class MemoryConfig:
     top_k: int = 10
     """K: number of most relevant images whose salient regions are averaged per word."""
     chunk_size: int = 256
+    """(image, caption) pairs per batch of the streaming pass (one captioner forward each)."""
+    checkpoint_every: int = 50
+    """Batches between resumable checkpoints of the streaming pass (also written on SIGTERM)."""
+    store_features: bool = True
+    """Keep the top-K winners' region features in memory during the pass (V·K·F values, in the region store's
+    dtype, so lossless); False keeps only (image, region) pointers and reads the winners' features back from
+    the region store at the end (for very large vocabularies or K)."""
 
 
 @dataclass

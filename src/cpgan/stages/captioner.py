@@ -289,8 +289,8 @@ def run(cfg: Config, ctx: StageContext) -> dict:
             "val_loss": final["loss"], "val_accuracy": final["accuracy"], "captioner": vars(c)}
     save_weights(ctx.dir / WEIGHTS, model.state_dict(), meta)
     save()
-    summary = {"steps": step, "resumed_from_step": resumed_from, "minutes": deadline.elapsed / 60, "val_loss": final["loss"],
-               "val_accuracy": final["accuracy"], "train_images": len(train),
+    summary = {"steps": step, "resumed_from_step": resumed_from, "minutes": deadline.elapsed / 60,
+               "val_loss": final["loss"], "val_accuracy": final["accuracy"], "train_images": len(train),
                "skipped_draws_without_regions": skipped_images,
                "samples": [f"{s['predicted']}  ||  ref: {s['reference']}" for s in final["samples"]],
                "curve": [(h["step"], round(h["val_loss"], 4)) for h in history]}

@@ -16,7 +16,9 @@ Choices: the bank is indexed by the caption vocabulary's ids (the captioner shar
 zero); stored vectors are the raw detector region features (choice 8), read from the region store without loss
 (the builder's feature pool uses the store's dtype); words never seen get a zero row and ``seen = False``
 (choice 9); every word is kept, stop words included (choice 10, as the release); images whose store entry has
-no valid region contribute no record (their attention would point at padding) and are counted.
+no valid region contribute no record (their attention would point at padding) and are counted.  Note that
+eq. (7)'s relevance a_{q_n,n} is a softmax peak, so it favours images with few valid regions (fewer competitors);
+the shapes report below shows how much the kept entries profit from that.
 
 Resumable: every ``memory.checkpoint_every`` batches (and on SIGTERM) the builder's ``state_dict`` (which holds
 the records consumed), the next batch index and the report counters are saved to ``memory/state.safetensors``;
@@ -99,7 +101,8 @@ def object_tables(data: SplitData) -> dict[str, torch.Tensor]:
 
 
 def on_object(region_boxes: torch.Tensor, word_ids: torch.Tensor, obj_boxes: torch.Tensor, obj_colour: torch.Tensor,
-              obj_shape: torch.Tensor, colour_of: torch.Tensor, shape_of: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+              obj_shape: torch.Tensor, colour_of: torch.Tensor,
+              shape_of: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per record n and region i: is the centre of region box i inside the box of an object that the record's
     word names (its colour for a colour word, its shape for a shape word)?  And inside the box of any object?
 
@@ -318,13 +321,16 @@ def run(cfg: Config, ctx: StageContext) -> dict:
         sim = similarity_table(mem.bank, seen, vocab)
         atomic_write_json(ctx.dir / "similarity.json", sim)
         summary["similarity"] = sim
-        echo(f"[memory] salient region on a named object: colour {summary['salient_on_object_rate']['colour']:.3f} "
-             f"(chance {summary['salient_on_object_chance']['colour']:.3f}), shape "
-             f"{summary['salient_on_object_rate']['shape']:.3f} "
-             f"(chance {summary['salient_on_object_chance']['shape']:.3f}); on any object "
-             f"{summary['salient_on_any_object_rate']['all']:.3f}, named among objects "
-             f"{summary['salient_named_given_object_rate']['all']:.3f} "
-             f"(chance {summary['salient_named_given_object_chance']['all']:.3f})")
+        def fmt(key: str, cat: str) -> str:
+            v = summary[key][cat]
+            return "n/a" if v is None else f"{v:.3f}"
+
+        echo(f"[memory] salient region on a named object: colour {fmt('salient_on_object_rate', 'colour')} "
+             f"(chance {fmt('salient_on_object_chance', 'colour')}), shape {fmt('salient_on_object_rate', 'shape')} "
+             f"(chance {fmt('salient_on_object_chance', 'shape')}); on any object "
+             f"{fmt('salient_on_any_object_rate', 'all')}, named among objects "
+             f"{fmt('salient_named_given_object_rate', 'all')} "
+             f"(chance {fmt('salient_named_given_object_chance', 'all')})")
         if sim["mean_centred_synonyms"] is not None and sim["mean_centred_unrelated"] is not None:
             echo(f"[memory] centred cosine: synonyms {sim['mean_centred_synonyms']:.3f}, "
                  f"unrelated {sim['mean_centred_unrelated']:.3f}")
