@@ -108,3 +108,15 @@ def test_budget_change_continues_training(plain_run, tmp_path):
     hist = [json.loads(line) for line in (d / "gan" / "metrics.jsonl").read_text().splitlines()]
     steps = [h["step"] for h in hist if "d_loss" in h]
     assert steps[:4] == [1, 2, 3, 4] and steps[-2:] == [5, 6]  # continued, not restarted
+
+
+def test_full_cpgan_chain(tmp_path):
+    """mate + oaie + fgcd: detector, captioner, memory, MATE/OAIE DAMSM, FGCD GAN, evaluation."""
+    run_dir = tmp_path / "full"
+    res = run_stages(_cfg(), run_dir)
+    for name in ("data", "vocab", "evaluator", "detector", "captioner", "memory", "damsm", "gan", "evaluate"):
+        assert res[name]["status"] == "done", (name, res[name])
+    bank, _ = load_weights(run_dir / "memory" / "memory.safetensors")
+    assert bank["bank"].shape[1] == 1024
+    metrics = json.loads((run_dir / "evaluate" / "metrics.json").read_text())
+    assert "r_precision_dmgan" in metrics["splits"]["test"]["generated"]
