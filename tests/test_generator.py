@@ -527,3 +527,16 @@ def test_truncated_noise_misc():
             truncated_noise(2, 3, bad)
     with pytest.raises(ValueError, match="method"):
         truncated_noise(2, 3, 1.0, method="nope")
+
+
+def test_ema_warmup_forgets_the_initialisation():
+    from cpgan.stages.gan import ema_decay_at
+
+    assert ema_decay_at(0.999, 0) == 0.1
+    assert ema_decay_at(0.999, 90) == 0.91
+    assert ema_decay_at(0.999, 10**6) == 0.999
+    # weight left on the initial weights after 200 steps: prod of decays, far below 0.999**200 = 0.82
+    keep = 1.0
+    for t in range(200):
+        keep *= ema_decay_at(0.999, t)
+    assert keep < 1e-3
