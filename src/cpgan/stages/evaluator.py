@@ -67,7 +67,8 @@ def run(cfg: Config, ctx: StageContext) -> dict:
         model, hist = train_evaluator(
             train_imgs, train_recs, None, None, steps=e.steps, minutes=e.max_minutes or None,
             batch_size=e.batch_size, lr=e.lr, seed=e.seed, device=ctx.device, model_kwargs=kwargs,
-            log_fn=log_and_stop, checkpoint_fn=ckpt_fn, resume_state=resume)
+            log_fn=log_and_stop, checkpoint_fn=ckpt_fn, resume_state=resume,
+            log_every=10, checkpoint_every=100)  # a stop request is seen within 10 steps, loses <= 100
     except _Stop:
         return {"stopped": True}
     scores = {}
