@@ -105,14 +105,19 @@ class ModelConfig:
 
 @dataclass
 class EvaluatorConfig:
-    """The shapes-world judge (DESIGN §6): a grid detector independent of the project's detector."""
+    """The shapes-world judge (DESIGN §6): a grid detector independent of the project's detector.
+
+    Defaults are the measured recipe (``cpgan.evaluator_train.RECIPE_SHAPES_64``): 3,000 steps of batch 32,
+    Adam 3e-3, widths (16, 32, 64) -> SOA-I 0.974 / 0.983 on real test images (two seeds) in ~5 min.
+    """
 
     steps: int = 3000
-    max_minutes: float = 6.0
-    batch_size: int = 64
-    lr: float = 2e-3
-    width: int = 32
-    seed: int = 1234
+    max_minutes: float = 10.0
+    batch_size: int = 32
+    lr: float = 3e-3
+    width: int = 16
+    """Channel width w of the first block; the trunk is (w, 2w, 4w)."""
+    seed: int = 20241
 
 
 @dataclass

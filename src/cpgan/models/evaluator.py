@@ -73,6 +73,9 @@ class ShapesEvaluator(nn.Module):
     Attributes:
         grid: ``G``, cells per side of the prediction grid.
         feature_dim: ``F = widths[-1]``, size of :meth:`features`.
+
+    The trunk uses BatchNorm: put the model in ``eval()`` mode before judging images (:meth:`detect`,
+    :meth:`class_posterior` and :meth:`features` do not switch modes themselves).
     """
 
     def __init__(
@@ -81,7 +84,7 @@ class ShapesEvaluator(nn.Module):
         n_shapes: int = 8,
         n_backgrounds: int = 4,
         native_size: int = 64,
-        widths: Sequence[int] = (32, 64, 128),
+        widths: Sequence[int] = (16, 32, 64),
         context_layers: int = 2,
     ) -> None:
         super().__init__()
