@@ -237,7 +237,9 @@ class EvaluateConfig:
 
     n_images: int = 1000
     batch_size: int = 50
-    truncation: float = 1.0
+    truncation: float = 0.0
+    """Truncated-normal noise bound at sampling (BigGAN); 0 = plain N(0, 1) as in training. On an
+    under-trained generator truncation at 1.0 collapsed the shapes (colour accuracy 0.03 vs 0.14)."""
     r_precision_folds: int = 10
     inception_weights: str = ""
     seed: int = 0
