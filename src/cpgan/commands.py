@@ -1,7 +1,6 @@
 """Sub-commands beyond the pipeline stages: generate, evaluate --run, import-official, serve, ablate."""
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -36,9 +35,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_evaluate_run(args) -> int:
-    import json
 
-    import torch
 
     from .config import load_config
     from .stages.base import resolve_device

@@ -32,6 +32,8 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from ..utils.atomic import atomic_write_json, fsync_dir
+
 __all__ = ["RegionStoreWriter", "RegionStore"]
 
 _FORMAT = "cpgan-region-store"
@@ -51,26 +53,11 @@ def _arrays_spec(num_regions: int, feat_dim: int, feat_dtype: str) -> dict[str, 
 
 
 def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    fsync_dir(path)
 
 
 def _atomic_write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    atomic_write_json(path, obj)
 
 
 def _read_manifest(root: Path) -> dict[str, Any]:

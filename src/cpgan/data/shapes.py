@@ -42,7 +42,6 @@ on a 4x4 supersampling grid per pixel (anti-aliasing), composited in integers.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -52,6 +51,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+
+from ..utils.atomic import atomic_write_json, sha256_file
 
 from cpgan.data.text import tokenize
 
@@ -581,27 +582,11 @@ def generate_split(split: str, n: int, size: int = 64, seed: int = 0) -> tuple[n
 
 
 def _sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return sha256_file(path)
 
 
 def _write_json_atomic(path: str, obj: Any) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_json(path, obj)
 
 
 def _write_split(out_dir: str, split: str, n: int, size: int, seed: int, progress: bool) -> dict[str, str]:

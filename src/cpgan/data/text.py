@@ -31,13 +31,14 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
+
+from ..utils.atomic import atomic_write_text
 
 if TYPE_CHECKING:  # torch is imported lazily so that tokenising (e.g. in the shapes generator) stays light
     import torch
@@ -203,21 +204,7 @@ class Vocabulary:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the vocabulary as JSON atomically (temp file in the same folder, fsync, rename)."""
-        path = os.fspath(path)
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".vocab-", suffix=".tmp", dir=folder)
-        try:
-            with os.fdopen(fd, "w", encoding="ascii") as f:
-                f.write(self.to_json())
-                f.write("\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        atomic_write_text(path, self.to_json() + "\n")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Vocabulary":

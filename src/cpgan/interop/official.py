@@ -37,11 +37,9 @@ shapes/dtypes, and file-specific info; the vocabulary itself for ``VOCAB``), plu
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import re
-import tempfile
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -50,6 +48,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..utils.atomic import atomic_write_bytes, sha256_file
 from .unpickle import (
     InertModule,
     PickleFormatError,
@@ -335,36 +334,11 @@ def load_mem_trans(module: nn.Module, state_dict: Mapping[str, torch.Tensor]) ->
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return sha256_file(path)
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    try:
-        dfd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dfd)
-    except OSError:
-        pass
-    finally:
-        os.close(dfd)
+    atomic_write_bytes(path, data)
 
 
 def _atomic_write_json(path: Path, obj: Any) -> None:

@@ -14,7 +14,6 @@ attention peak of a colour/shape word falls inside the box of the object it name
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np

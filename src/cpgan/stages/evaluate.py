@@ -14,7 +14,6 @@ Results go to ``RUN_DIR/evaluate/metrics.json`` and a printed table; sample grid
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Iterator
