@@ -337,15 +337,9 @@ def stage_minutes(run_dir: Path) -> dict:
 
 
 def _load_metrics(run_dir: Path) -> dict | None:
-    import json
+    from .stages.base import read_json
 
-    p = Path(run_dir) / "evaluate" / "metrics.json"
-    if not p.exists():
-        return None
-    try:
-        return json.loads(p.read_text())
-    except json.JSONDecodeError:
-        return None
+    return read_json(Path(run_dir) / "evaluate" / "metrics.json")
 
 
 def summarize(out: str | Path, rows: Sequence[AblationRow], seeds: Sequence[int],

@@ -177,14 +177,18 @@ def identity_hash(cfg: Config, name: str, stages: dict[str, Stage], cache: dict[
     return hash_of({"stage": name, "identity": conf, "upstream": ups})
 
 
-def stage_status(run_dir: Path, name: str) -> dict | None:
-    p = run_dir / name / "done.json"
-    if not p.exists():
+def read_json(path: Path) -> dict | None:
+    """A JSON file's content, or None when it is missing or torn."""
+    if not path.exists():
         return None
     try:
-        return json.loads(p.read_text())
+        return json.loads(path.read_text())
     except json.JSONDecodeError:
         return None
+
+
+def stage_status(run_dir: Path, name: str) -> dict | None:
+    return read_json(Path(run_dir) / name / "done.json")
 
 
 def _install_signal_handlers(flag: list[bool]):

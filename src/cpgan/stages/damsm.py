@@ -65,6 +65,17 @@ def r_precision_real(enc: Encoders, ds: CaptionDataset, split: str, device: torc
                              n_negatives=min(99, n - 1), seed=seed)
 
 
+def batch_loss(enc: Encoders, batch: dict, split: str, device: torch.device, d) -> dict:
+    """DAMSM loss (suppl. eqs. (15)–(25)) of one collated batch of real pairs, with its attention maps."""
+    x = batch["images"][-1].to(device)
+    caps, lens = batch["captions"].to(device), batch["lengths"].to(device)
+    words, sent = enc.encode_text(caps, lens)
+    feats = enc.encode_images(x, split, batch["index"])
+    cls = batch["class_ids"] if bool((batch["class_ids"] >= 0).all()) else None
+    return damsm_loss(feats.regions, feats.global_features, words, sent, lens, class_ids=cls,
+                      region_mask=feats.region_mask, gamma1=d.gamma1, gamma2=d.gamma2, gamma3=d.gamma3)
+
+
 def _epoch_lr(cfg: Config, epoch: int) -> float:
     d = cfg.damsm
     lr = d.lr
@@ -149,13 +160,7 @@ def run(cfg: Config, ctx: StageContext) -> dict:
             if ctx.stop_requested or deadline.expired():
                 stopped = True
                 break
-            x = batch["images"][-1].to(device)
-            caps, lens = batch["captions"].to(device), batch["lengths"].to(device)
-            words, sent = enc.encode_text(caps, lens)
-            feats = enc.encode_images(x, "train", batch["index"])
-            cls = batch["class_ids"] if bool((batch["class_ids"] >= 0).all()) else None
-            out = damsm_loss(feats.regions, feats.global_features, words, sent, lens, class_ids=cls,
-                             region_mask=feats.region_mask, gamma1=d.gamma1, gamma2=d.gamma2, gamma3=d.gamma3)
+            out = batch_loss(enc, batch, "train", device, d)
             opt.zero_grad(set_to_none=True)
             out["loss"].backward()
             torch.nn.utils.clip_grad_norm_(rnn_params, d.rnn_grad_clip)
@@ -219,12 +224,7 @@ def validate(enc: Encoders, ds: CaptionDataset, device: torch.device, d, limit: 
     for b in eval_batches(ds, d.batch_size, limit):
         if b["size"] < 2:
             continue
-        x = b["images"][-1].to(device)
-        caps, lens = b["captions"].to(device), b["lengths"].to(device)
-        words, sent = enc.encode_text(caps, lens)
-        f = enc.encode_images(x, "test", b["index"])
-        out = damsm_loss(f.regions, f.global_features, words, sent, lens, region_mask=f.region_mask,
-                         gamma1=d.gamma1, gamma2=d.gamma2, gamma3=d.gamma3)
+        out = batch_loss(enc, b, "test", device, d)
         sums += [float(out["loss"]), float(out["word_loss"]), float(out["sent_loss"])]
         n += 1
     sums /= max(n, 1)

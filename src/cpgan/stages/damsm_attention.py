@@ -19,7 +19,6 @@ from ..data import shapes
 from ..data.dataset import CaptionDataset, SplitData, eval_batches
 from ..data.text import Vocabulary
 from ..encode import Encoders
-from ..losses import damsm_loss
 
 _COLOUR = {w: c for c, ws in shapes.COLOUR_WORDS.items() for w in ws}
 _SHAPE = {w: s for s, ws in shapes.SHAPE_WORDS.items() for w in ws}
@@ -64,6 +63,8 @@ def peak_hits(attn_grid: np.ndarray, words: list[str], objects: list[dict]) -> t
 @torch.no_grad()
 def attention_report(enc: Encoders, ds: CaptionDataset, data: SplitData, device: torch.device, out_dir: Path,
                      cfg, limit: int = 500, n_figures: int = 8) -> dict:
+    from .damsm import batch_loss
+
     vocab = Vocabulary.load(Path(out_dir).parent.parent / "vocab" / "vocab.json")
     out_dir.mkdir(parents=True, exist_ok=True)
     g = cfg.model.grid_size
@@ -73,12 +74,8 @@ def attention_report(enc: Encoders, ds: CaptionDataset, data: SplitData, device:
     for b in eval_batches(ds, 50, limit):
         if b["size"] < 2:
             continue
-        x = b["images"][-1].to(device)
-        caps, lens = b["captions"].to(device), b["lengths"].to(device)
-        words, sent = enc.encode_text(caps, lens)
-        f = enc.encode_images(x, "test", b["index"])
-        out = damsm_loss(f.regions, f.global_features, words, sent, lens, region_mask=f.region_mask,
-                         gamma1=cfg.damsm.gamma1, gamma2=cfg.damsm.gamma2, gamma3=cfg.damsm.gamma3)
+        out = batch_loss(enc, b, "test", device, cfg.damsm)
+        x, caps, lens = b["images"][-1], b["captions"], b["lengths"]
         attn = out["attention"][:, :, -g * g:].reshape(len(lens), -1, g, g).cpu().numpy()
         for k in range(len(lens)):
             toks = vocab.decode(caps[k, : lens[k]].tolist())
