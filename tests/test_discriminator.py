@@ -301,3 +301,13 @@ def test_hinge_bad_inputs():
         d_hinge_loss(None, None, t([]), t([1.0]), None)
     with pytest.raises(ValueError, match="required"):
         g_hinge_loss(None, None)
+
+
+def test_config_switch_removes_batch_norm_from_every_discriminator():
+    from cpgan.config import load_config
+    from cpgan.stages.gan import build_discriminators
+
+    for flag, expect in (("true", True), ("false", False)):
+        Ds = build_discriminators(load_config("shapes-quick", [f"model.d_batch_norm={flag}"]))
+        has_bn = [any(isinstance(m, torch.nn.BatchNorm2d) for m in d.modules()) for d in Ds]
+        assert has_bn == [expect] * len(Ds)

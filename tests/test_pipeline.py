@@ -120,3 +120,24 @@ def test_full_cpgan_chain(tmp_path):
     assert bank["bank"].shape[1] == 1024
     metrics = json.loads((run_dir / "evaluate" / "metrics.json").read_text())
     assert "r_precision_dmgan" in metrics["splits"]["test"]["generated"]
+
+
+def test_demo_trains_the_evaluator_in_a_second_process(tmp_path, monkeypatch, capsys):
+    """`cpgan demo` on 2+ cores: the evaluator runs as a child process beside the main chain; the result is the
+    same chain (every stage done, report written) and a second call reuses everything."""
+    import os
+
+    from cpgan.cli import main
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    out = tmp_path / "demo"
+    args = ["demo", "--out", str(out)] + [a for kv in TINY + PLAIN for a in ("--set", kv)]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "training in a second process" in err
+    assert (out / "evaluator.log").exists()
+    for name in ("data", "vocab", "evaluator", "damsm", "gan", "evaluate"):
+        assert json.loads((out / name / "done.json").read_text())["hash"], name
+    assert (out / "report.html").exists()
+    assert main(args) == 0
+    assert "second process" not in capsys.readouterr().err

@@ -37,7 +37,12 @@ without touching anything; an interrupted row resumes from its checkpoints (``ru
 can be built in several invocations (all seed-0 rows first, then seed 1, ...). A new ``--budget-minutes``
 changes every row's GAN hash: each row's GAN continues from its checkpoint up to the new total budget (the
 stage's budget keys) and is evaluated again; any other changed override re-trains the affected stages in
-place (use another ``--out`` to keep both tables). Two invocations must not work on the same OUT at once.
+place (use another ``--out`` to keep both tables).
+
+Workers: several invocations may run on the same OUT at once (e.g. one per CPU core with
+``OMP_NUM_THREADS=1``, or one per GPU): each shared stage is trained under a file lock by the first worker that
+needs it (the others wait and reuse it), and a row/seed being trained by one worker is skipped by the others.
+Every worker writes the table of what is finished when it ends.
 
 Outputs: ``OUT/ablation.json`` (setup; per row and seed the raw ``evaluate/metrics.json`` splits and the stage
 minutes; per row mean ± spread over seeds; the real-image ceiling), ``OUT/ablation.md`` (one markdown table
@@ -62,6 +67,7 @@ from .config import Config, ConfigError, get_key, hash_of, load_config, parse_ov
 from .stages.base import (PIPELINE, StageError, identity_hash, registry, resolve_device, run_stages, stage_hash,
                           stage_status)
 from .utils.checkpoint import atomic_write_json, atomic_write_text
+from .utils.locks import file_lock
 from .utils.logging import echo
 
 # --------------------------------------------------------------------------------------------------
@@ -264,14 +270,23 @@ class StageCache:
         for u in self._closure(cfg, name):
             if u in SHARED_STAGES:
                 link_stage(self.ensure(cfg, u) / u, cdir / u)
-        echo(f"[ablate] shared stage {name}: training in {cdir}")
-        res = run_stages(cfg, cdir, only=[name])
-        if res.get(name, {}).get("status") == "interrupted":
-            raise AblationInterrupted(name)
-        done = stage_status(cdir, name)
-        if not done or done.get("hash") != h:
-            raise StageError(f"shared stage '{name}' did not finish in {cdir}; run `cpgan ablate` again")
-        return cdir
+        # Another worker on the same OUT may be training this stage: wait for it, then reuse its result.
+        lock = cdir.with_name(cdir.name + ".lock")
+        with file_lock(lock, blocking=False) as free:
+            if not free:
+                echo(f"[ablate] shared stage {name}: another worker is training it in {cdir}; waiting")
+        with file_lock(lock):
+            done = stage_status(cdir, name)
+            if done and done.get("hash") == h:
+                return cdir
+            echo(f"[ablate] shared stage {name}: training in {cdir}")
+            res = run_stages(cfg, cdir, only=[name])
+            if res.get(name, {}).get("status") == "interrupted":
+                raise AblationInterrupted(name)
+            done = stage_status(cdir, name)
+            if not done or done.get("hash") != h:
+                raise StageError(f"shared stage '{name}' did not finish in {cdir}; run `cpgan ablate` again")
+            return cdir
 
     def link_into(self, cfg: Config, run_dir: Path) -> list[str]:
         """Link every needed shared stage of ``cfg`` into ``run_dir``; returns their names."""
@@ -548,8 +563,12 @@ def write_outputs(out: Path, summary: dict, figure: bool = True, device: str = "
 
 def run_ablation(preset: str, out: str | Path, rows: str | Sequence[str] | None = None, seeds: int = 2,
                  budget_minutes: float | None = None, overrides: Iterable[str] = (), figure: bool = True,
-                 table_only: bool = False) -> dict:
+                 table_only: bool = False, shared_only: bool = False) -> dict:
     """Train (unless ``table_only``) and evaluate every row × seed, then write the table; returns the summary.
+
+    ``shared_only`` trains the shared stages every row needs (data, evaluator, detector, captioner, memory,
+    DAMSM) and no GAN. Several calls may work on the same OUT at once (one per core or GPU): shared stages and
+    rows are protected by file locks (:mod:`cpgan.utils.locks`), so the workers split the rows between them.
 
     The summary has ``interrupted: True`` when a stage was stopped by a signal (its checkpoint is saved;
     run again to resume).
@@ -578,6 +597,7 @@ def run_ablation(preset: str, out: str | Path, rows: str | Sequence[str] | None 
         _check_data_setup(out, base)
         cache = StageCache(out / "_shared" / "stages", stages)
         todo = [(r, k) for k in seed_list for r in picked]
+        busy = []
         try:
             for i, (row, k) in enumerate(todo, 1):
                 cfg, rd = configs[(row.slug, k)], run_dir_of(out, row, k)
@@ -586,19 +606,31 @@ def run_ablation(preset: str, out: str | Path, rows: str | Sequence[str] | None 
                 if status == "done":
                     echo(f"{tag}: finished earlier, skipping ({rd})")
                     continue
-                if status == "stale":
-                    echo(f"{tag}: finished under another configuration; re-running")
-                echo(f"{tag}: preparing shared stages")
-                linked = cache.link_into(cfg, rd)
-                own = [s for s in ROW_STAGES if stages[s].needed(cfg)]
-                echo(f"{tag}: running {', '.join(own)} in {rd} (linked: {', '.join(linked)})")
-                res = run_stages(cfg, rd, only=own)
-                if any(v.get("status") == "interrupted" for v in res.values()):
-                    raise AblationInterrupted(row.slug)
-                m = (_load_metrics(rd) or {}).get("splits", {}).get("test", {}).get("generated", {})
-                brief = ", ".join(f"{_title(key)[0]} {m[key]:.3f}" for key in ("r_precision_dmgan", "soa_c", "fid")
-                                  if isinstance(m.get(key), (int, float)))
-                echo(f"{tag}: done ({brief})")
+                with file_lock(rd.with_name(rd.name + ".lock"), blocking=False) as free:
+                    if not free:
+                        echo(f"{tag}: another worker is training it; skipping")
+                        busy.append(f"{row.slug}/seed{k}")
+                        continue
+                    if status == "stale":
+                        echo(f"{tag}: finished under another configuration; re-running")
+                    echo(f"{tag}: preparing shared stages")
+                    linked = cache.link_into(cfg, rd)
+                    if shared_only:
+                        echo(f"{tag}: shared stages ready ({', '.join(linked)})")
+                        continue
+                    own = [s for s in ROW_STAGES if stages[s].needed(cfg)]
+                    echo(f"{tag}: running {', '.join(own)} in {rd} (linked: {', '.join(linked)})")
+                    res = run_stages(cfg, rd, only=own)
+                    if any(v.get("status") == "interrupted" for v in res.values()):
+                        raise AblationInterrupted(row.slug)
+                    m = (_load_metrics(rd) or {}).get("splits", {}).get("test", {}).get("generated", {})
+                    brief = ", ".join(f"{_title(key)[0]} {m[key]:.3f}"
+                                      for key in ("r_precision_dmgan", "soa_c", "fid")
+                                      if isinstance(m.get(key), (int, float)))
+                    echo(f"{tag}: done ({brief})")
+            if busy:
+                echo(f"[ablate] left to other workers: {', '.join(busy)}; the last worker to finish writes the "
+                     "full table (or run again with --table-only)")
         except AblationInterrupted:
             interrupted = True
             echo("[ablate] interrupted; finished rows are kept — run the same command again to resume")
@@ -624,7 +656,7 @@ def run_ablation(preset: str, out: str | Path, rows: str | Sequence[str] | None 
 def cmd_ablate(args) -> int:
     summary = run_ablation(args.preset, args.out, rows=args.rows, seeds=args.seeds,
                            budget_minutes=args.budget_minutes, overrides=args.overrides,
-                           figure=not args.no_figure, table_only=args.table_only)
+                           figure=not args.no_figure, table_only=args.table_only, shared_only=args.shared_only)
     print(format_markdown(summary), end="")
     return 130 if summary.get("interrupted") else 0
 
@@ -649,4 +681,6 @@ def add_ablate_command(sub) -> None:
                          "set by the rows")
     sp.add_argument("--table-only", action="store_true", help="train nothing; rebuild the table from finished rows")
     sp.add_argument("--no-figure", action="store_true", help="skip OUT/ablation.png")
+    sp.add_argument("--shared-only", action="store_true",
+                    help="train only the stages shared between rows (data … DAMSM), no GAN")
     sp.set_defaults(func=cmd_ablate)

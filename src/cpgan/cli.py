@@ -113,27 +113,90 @@ def cmd_presets(args) -> int:  # noqa: ARG001
     return 0
 
 
+def _side_stage(run_dir: Path, name: str, threads: int):
+    """Start ``cpgan run RUN_DIR/config.yaml --stages NAME`` as a child process with ``threads`` intra-op threads;
+    its output goes to ``RUN_DIR/NAME.log``. Returns ``(process, log path)``."""
+    import os
+    import subprocess
+
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    log = run_dir / f"{name}.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "cpgan", "run", str(run_dir / "config.yaml"), "--out",
+                                 str(run_dir), "--stages", name], stdout=f, stderr=subprocess.STDOUT, env=env)
+    return proc, log
+
+
 def cmd_demo(args) -> int:
+    """The whole chain, then the report. With two or more CPU cores (and ``--sequential`` not given) the
+    evaluator — which nothing but the GAN's curves and ``evaluate`` needs — trains in a second process, one core,
+    while the detector → captioner → memory → DAMSM chain uses the others; the GAN then gets every core."""
+    import os
+
+    import torch
+
     from .config import load_config
-    from .stages.base import registry, run_stages
+    from .stages.base import PIPELINE, StageError, registry, run_stages, stage_hash, stage_status
     from .utils.logging import echo
 
     cfg = load_config(args.config, args.overrides)
+    out = Path(args.out)
     stages = registry(include_missing=True)
     missing = [n for n, s in stages.items() if s is None]
     t0 = time.time()
-    res = run_stages(cfg, Path(args.out))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    res: dict = {}
+    side = None
+    try:
+        res.update(run_stages(cfg, out, only=["data", "vocab"]))
+        if any(r.get("status") == "interrupted" for r in res.values()):
+            return 130
+        ev = registry().get("evaluator")
+        done = stage_status(out, "evaluator")
+        pending = (ev is not None and ev.needed(cfg)
+                   and not (done and done.get("hash") == stage_hash(cfg, "evaluator", registry())))
+        if pending and cores >= 2 and not args.sequential and cfg.device in ("auto", "cpu"):
+            side, log = _side_stage(out, "evaluator", 1)
+            echo(f"[cpgan] evaluator  training in a second process on one core (log: {log})")
+            torch.set_num_threads(max(1, min(torch.get_num_threads(), cores - 1)))
+        main_chain = [n for n in PIPELINE if n not in ("data", "vocab", "gan", "evaluate")
+                      and not (side and n == "evaluator")]
+        res.update(run_stages(cfg, out, only=main_chain))
+        if any(r.get("status") == "interrupted" for r in res.values()):
+            return 130
+        if side is not None:
+            if side.poll() is None:
+                echo("[cpgan] waiting for the evaluator process ...")
+            rc = side.wait()
+            side_res = stage_status(out, "evaluator")
+            if rc != 0 or not side_res:
+                raise StageError(f"the evaluator stage failed (exit {rc}); see {log}, or run "
+                                 f"`cpgan demo --sequential` to run every stage in this process")
+            res["evaluator"] = {"status": "done", "seconds": side_res.get("seconds")}
+            echo(f"[cpgan] evaluator  done in {side_res.get('seconds', 0):.0f} s (second process)")
+            side = None
+            torch.set_num_threads(cores)
+        res.update(run_stages(cfg, out, only=["gan", "evaluate"]))
+    finally:
+        if side is not None and side.poll() is None:
+            side.terminate()  # SIGTERM: the evaluator saves its checkpoint and exits
+            side.wait()
+    if any(r.get("status") == "interrupted" for r in res.values()):
+        return 130
     from .report import write_report
 
-    write_report(Path(args.out))
+    write_report(out)
     echo("")
-    echo(f"[cpgan] demo run in {args.out} ({time.time() - t0:.0f} s this time)")
-    for name, r in res.items():
+    echo(f"[cpgan] demo run in {out} ({time.time() - t0:.0f} s this time)")
+    for name in PIPELINE:
+        r = res.get(name)
+        if r is None:
+            continue
         secs = r.get("seconds")
         echo(f"  {name:10s} {r.get('status', '?'):12s}" + (f" {secs:7.1f} s" if secs is not None else ""))
     if missing:
         echo(f"[cpgan] not implemented yet, so not run: {', '.join(missing)}")
-    report = Path(args.out) / "report.html"
+    report = out / "report.html"
     if report.exists():
         echo(f"[cpgan] report: {report.resolve()}")
     return 0
@@ -152,6 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo)")
     sp.add_argument("--config", default="shapes-quick", help="preset or YAML (default: shapes-quick)")
     sp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    sp.add_argument("--sequential", action="store_true",
+                    help="run every stage in this process (default: the evaluator trains in a second process "
+                         "on one core when there are two or more)")
     sp.set_defaults(func=cmd_demo)
 
     sp = sub.add_parser("run", help="run the pipeline (or --stages a,b) for a config; finished stages are reused")

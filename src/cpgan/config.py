@@ -99,6 +99,9 @@ class ModelConfig:
     num_regions: int = 36
     fgcd_patches: int = 4
     spectral_norm: bool = True
+    d_batch_norm: bool = True
+    """BatchNorm in the discriminators (AttnGAN/CPGAN: on). Real and fake pass D in separate batches, so BN
+    normalises each by its own statistics; off leaves spectral norm alone (common in hinge GANs)."""
     released_mask_bug: bool = False
     """Reproduce the released word-attention mask indexing (``mask.repeat(queryL, 1)``, DESIGN §4)."""
 
@@ -222,6 +225,11 @@ class GanConfig:
     kl_weight: float = 1.0
     ema_decay: float = 0.999
     """EMA of the generator weights used for sampling (0 = off)."""
+    augment: str = ""
+    """Differentiable augmentation of every image the discriminators see, real and generated alike
+    (DiffAugment, Zhao et al. 2020; not in the paper): comma-separated of ``translation`` (shift by up to 1/8 of
+    the size, zero padding) and ``cutout`` (one zeroed square of half the size). Colour jitter is not offered:
+    the captions name colours. Empty = off (the paper)."""
     checkpoint_every: int = 200
     sample_every: int = 200
     log_every: int = 20

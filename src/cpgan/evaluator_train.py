@@ -425,7 +425,7 @@ def train_evaluator(
     targets = make_targets(train_records, model.grid, colours, shapes, backgrounds, center_sampling,
                            center_margin)
     collisions = int(targets.pop("collisions"))
-    images_u8 = torch.as_tensor(np.ascontiguousarray(train_images))
+    images_u8 = torch.from_numpy(np.array(train_images, dtype=np.uint8, copy=True))  # owns its memory (input may be a read-only memmap)
     n = images_u8.shape[0]
 
     step, elapsed_prev, history_train = 0, 0.0, []

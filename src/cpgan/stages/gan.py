@@ -31,6 +31,7 @@ from PIL import Image
 from .. import build
 from ..config import Config
 from ..data.dataset import CaptionDataset, collate, load_split, load_vocab, make_loader, stage_sizes
+from ..diffaug import augment, parse_policy
 from ..gan_losses import d_hinge_loss, g_hinge_loss, kl_loss
 from ..losses import damsm_loss
 from ..models.discriminator import D_NET
@@ -58,7 +59,8 @@ def build_discriminators(cfg: Config) -> torch.nn.ModuleList:
     sizes = [m.base_size * 2 ** i for i in range(m.branch_num)]
     return torch.nn.ModuleList([
         D_NET(image_size=s, ndf=m.df_dim, emb_dim=m.embedding_dim, cond_head=m.cond_disc,
-              fgcd_grid=min(m.fgcd_patches, s // 2), spectral_norm=m.spectral_norm) for s in sizes])
+              fgcd_grid=min(m.fgcd_patches, s // 2), spectral_norm=m.spectral_norm,
+              batch_norm=m.d_batch_norm) for s in sizes])
 
 
 def final_size(cfg: Config) -> int:
@@ -154,6 +156,7 @@ class Trainer:
         # Under torchrun the gradients are averaged by hand (dist.average_gradients): see its docstring.
         self.Gw, self.Dw = self.G, list(self.Ds)
         self.step, self.spent, self.history = 0, 0.0, []
+        self.augment = parse_policy(g.augment)
         self.state_path = ctx.dir / STATE
         if self.state_path.exists():
             self.load(self.state_path)
@@ -214,12 +217,16 @@ class Trainer:
         z = truncated_noise(B, cfg.model.z_dim, None, generator=gen).to(dev)
         eps = torch.randn(B, cfg.model.condition_dim, generator=gen).to(dev)
         fakes, _, mu, logvar = self.Gw(z, sent, words, mask, eps)
+
+        def aug(x: torch.Tensor) -> torch.Tensor:  # gan.augment (DiffAugment), off in the paper
+            return augment(x, self.augment, gen)
+
         logs: dict = {}
         # ---- discriminators, eq. (5)
         d_total = 0.0
         for i, (D, opt) in enumerate(zip(self.Dw, self.opt_d)):
-            f_real = D(reals[i])
-            f_fake = D(fakes[i].detach())
+            f_real = D(aug(reals[i]))
+            f_fake = D(aug(fakes[i].detach()))
             Dm = D
             out = d_hinge_loss(Dm.uncond(f_real), Dm.uncond(f_fake), Dm.cond(f_real, sent, words, mask),
                                Dm.cond(f_fake, sent, words, mask), Dm.cond(f_real, wsent, wwords, wmask))
@@ -236,7 +243,7 @@ class Trainer:
         g_adv = 0.0
         loss = torch.zeros((), device=dev)
         for i, D in enumerate(self.Dw):
-            f_fake = D(fakes[i])
+            f_fake = D(aug(fakes[i]))
             Dm = D
             out = g_hinge_loss(Dm.uncond(f_fake), Dm.cond(f_fake, sent, words, mask))
             loss = loss + out["loss"]

@@ -1,0 +1,72 @@
+"""Differentiable augmentation for the discriminators (DiffAugment, Zhao et al., NeurIPS 2020).
+
+Not part of CPGAN: an option (``gan.augment``) for short runs, where the discriminators see few images.
+Every image D looks at — real, generated for D's step and generated for G's step — passes through the same
+random family of transforms; they are differentiable in the image, so G's gradient flows through them.
+
+* ``translation``: each image shifted by an integer offset in [-s/8, s/8] pixels on both axes, zero padded;
+* ``cutout``: one square of side s/2 at a random centre set to zero (grey, in [-1, 1] images).
+
+No colour transforms: the captions name colours and D must see them as they are. Randomness comes from the
+``torch.Generator`` the caller passes (the GAN stage's per-step generator), so a resumed run repeats it.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+POLICIES = ("translation", "cutout")
+
+
+def parse_policy(text: str) -> tuple[str, ...]:
+    """``"translation,cutout"`` -> ``("translation", "cutout")``; unknown names are a clear error."""
+    names = tuple(t.strip() for t in text.split(",") if t.strip())
+    bad = [n for n in names if n not in POLICIES]
+    if bad:
+        raise ValueError(f"gan.augment: unknown augmentation {', '.join(bad)}; choose from {', '.join(POLICIES)}")
+    return names
+
+
+def translate(x: Tensor, shifts: Tensor) -> Tensor:
+    """Shift image k of ``x`` (B, C, H, W) by ``shifts[k] = (dy, dx)`` pixels (integers), zero padding.
+
+    out[k, :, i, j] = x[k, :, i - dy, j - dx] where that pixel exists, else 0.
+    """
+    B, C, H, W = x.shape
+    dy, dx = shifts[:, 0].view(B, 1, 1), shifts[:, 1].view(B, 1, 1)
+    ii = torch.arange(H, device=x.device).view(1, H, 1) - dy
+    jj = torch.arange(W, device=x.device).view(1, 1, W) - dx
+    valid = ((ii >= 0) & (ii < H) & (jj >= 0) & (jj < W)).unsqueeze(1)  # (B, 1, H, W)
+    flat = (ii.clamp(0, H - 1) * W + jj.clamp(0, W - 1)).view(B, 1, H * W).expand(B, C, H * W)
+    out = x.reshape(B, C, H * W).gather(2, flat).view(B, C, H, W)
+    return out * valid.to(x.dtype)
+
+
+def cutout(x: Tensor, centres: Tensor, side: int) -> Tensor:
+    """Zero a ``side`` x ``side`` square of image k centred at ``centres[k] = (cy, cx)`` (clipped at borders)."""
+    B, _, H, W = x.shape
+    half = side // 2
+    ii = torch.arange(H, device=x.device).view(1, H, 1)
+    jj = torch.arange(W, device=x.device).view(1, 1, W)
+    cy, cx = centres[:, 0].view(B, 1, 1), centres[:, 1].view(B, 1, 1)
+    inside = (ii >= cy - half) & (ii < cy - half + side) & (jj >= cx - half) & (jj < cx - half + side)
+    return x * (~inside).unsqueeze(1).to(x.dtype)
+
+
+def augment(x: Tensor, policy: tuple[str, ...], generator: torch.Generator | None = None) -> Tensor:
+    """Apply ``policy`` to a batch (B, C, H, W) with fresh random parameters per image."""
+    if not policy:
+        return x
+    B, _, H, W = x.shape
+    for name in policy:
+        if name == "translation":
+            r = max(H, W) // 8
+            shifts = torch.randint(-r, r + 1, (B, 2), generator=generator).to(x.device)
+            x = translate(x, shifts)
+        elif name == "cutout":
+            side = max(1, min(H, W) // 2)
+            centres = torch.stack([torch.randint(0, H, (B,), generator=generator),
+                                   torch.randint(0, W, (B,), generator=generator)], 1).to(x.device)
+            x = cutout(x, centres, side)
+    return x
