@@ -1,5 +1,6 @@
 """End to end at a tiny scale: every stage of the chain, generation, evaluation, and exact GAN resume."""
 import json
+import math
 import shutil
 
 import pytest
@@ -63,10 +64,13 @@ def test_generate_and_unknown_words(plain_run, tmp_path, capsys):
     assert "no known word" in capsys.readouterr().err
 
 
-def test_gan_resume_is_exact(plain_run, tmp_path, monkeypatch):
-    """N steps, stop (as SIGTERM would), resume to 2N == 2N uninterrupted (weights equal on CPU)."""
+@pytest.mark.parametrize("options", [(), ("gan.amp=bf16", "gan.augment=translation,cutout", "model.d_batch_norm=false")],
+                         ids=["paper", "bf16-augment-nobn"])
+def test_gan_resume_is_exact(plain_run, tmp_path, monkeypatch, options):
+    """N steps, stop (as SIGTERM would), resume to 2N == 2N uninterrupted (weights equal on CPU), also with
+    the speed/regularisation options (their randomness is a function of the step, too)."""
     run_dir, _ = plain_run
-    cfg = _cfg(*PLAIN, "gan.steps=6", "gan.checkpoint_every=100")
+    cfg = _cfg(*PLAIN, "gan.steps=6", "gan.checkpoint_every=100", *options)
     a, b = tmp_path / "a", tmp_path / "b"
     for d in (a, b):
         shutil.copytree(run_dir, d)
@@ -97,6 +101,9 @@ def test_gan_resume_is_exact(plain_run, tmp_path, monkeypatch):
     sa, sb = load_state(a / "gan" / "state.safetensors"), load_state(b / "gan" / "state.safetensors")
     for k in sa["D"]:
         assert torch.equal(sa["D"][k], sb["D"][k]), k
+    assert all(torch.isfinite(v).all() for v in ga.values())
+    hist = [json.loads(line) for line in (a / "gan" / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(h["g_loss"]) for h in hist if "g_loss" in h)
 
 
 def test_budget_change_continues_training(plain_run, tmp_path):

@@ -225,6 +225,10 @@ class GanConfig:
     kl_weight: float = 1.0
     ema_decay: float = 0.999
     """EMA of the generator weights used for sampling (0 = off)."""
+    amp: str = ""
+    """Mixed precision of the forward passes: ``bf16`` (``torch.autocast`` with bfloat16; losses, optimiser and
+    weights stay float32) or empty = float32. On CPUs with AVX512-BF16 (and on GPUs) a step is about 1.5x
+    faster."""
     augment: str = ""
     """Differentiable augmentation of every image the discriminators see, real and generated alike
     (DiffAugment, Zhao et al. 2020; not in the paper): comma-separated of ``translation`` (shift by up to 1/8 of

@@ -157,6 +157,8 @@ class Trainer:
         self.Gw, self.Dw = self.G, list(self.Ds)
         self.step, self.spent, self.history = 0, 0.0, []
         self.augment = parse_policy(g.augment)
+        if g.amp not in ("", "bf16"):
+            raise ValueError(f"gan.amp must be '' (off) or 'bf16', got {g.amp!r}")
         self.state_path = ctx.dir / STATE
         if self.state_path.exists():
             self.load(self.state_path)
@@ -200,6 +202,10 @@ class Trainer:
         return path
 
     # ---- one step ------------------------------------------------------------------------------
+    def autocast(self):
+        """``gan.amp``: bfloat16 autocast of the forward passes (losses stay float32); a no-op when off."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.gan.amp == "bf16")
+
     def _text(self, caps: torch.Tensor, lens: torch.Tensor):
         with torch.no_grad():
             words, sent = self.enc.encode_text(caps, lens)
@@ -216,7 +222,8 @@ class Trainer:
         gen = step_generator(g.seed, self.step * self.info.world + self.info.rank)
         z = truncated_noise(B, cfg.model.z_dim, None, generator=gen).to(dev)
         eps = torch.randn(B, cfg.model.condition_dim, generator=gen).to(dev)
-        fakes, _, mu, logvar = self.Gw(z, sent, words, mask, eps)
+        with self.autocast():
+            fakes, _, mu, logvar = self.Gw(z, sent, words, mask, eps)
 
         def aug(x: torch.Tensor) -> torch.Tensor:  # gan.augment (DiffAugment), off in the paper
             return augment(x, self.augment, gen)
@@ -225,11 +232,12 @@ class Trainer:
         # ---- discriminators, eq. (5)
         d_total = 0.0
         for i, (D, opt) in enumerate(zip(self.Dw, self.opt_d)):
-            f_real = D(aug(reals[i]))
-            f_fake = D(aug(fakes[i].detach()))
-            Dm = D
-            out = d_hinge_loss(Dm.uncond(f_real), Dm.uncond(f_fake), Dm.cond(f_real, sent, words, mask),
-                               Dm.cond(f_fake, sent, words, mask), Dm.cond(f_real, wsent, wwords, wmask))
+            with self.autocast():
+                f_real = D(aug(reals[i]))
+                f_fake = D(aug(fakes[i].detach()))
+                logits = (D.uncond(f_real), D.uncond(f_fake), D.cond(f_real, sent, words, mask),
+                          D.cond(f_fake, sent, words, mask), D.cond(f_real, wsent, wwords, wmask))
+            out = d_hinge_loss(*(x.float() for x in logits))
             opt.zero_grad(set_to_none=True)
             out["loss"].backward()
             dist.average_gradients(self.Ds[i], self.info)
@@ -243,17 +251,19 @@ class Trainer:
         g_adv = 0.0
         loss = torch.zeros((), device=dev)
         for i, D in enumerate(self.Dw):
-            f_fake = D(aug(fakes[i]))
-            Dm = D
-            out = g_hinge_loss(Dm.uncond(f_fake), Dm.cond(f_fake, sent, words, mask))
+            with self.autocast():
+                f_fake = D(aug(fakes[i]))
+                logits = (D.uncond(f_fake), D.cond(f_fake, sent, words, mask))
+            out = g_hinge_loss(*(x.float() for x in logits))
             loss = loss + out["loss"]
             g_adv += float(out["loss"].detach())
-        kl = kl_loss(mu, logvar)
+        kl = kl_loss(mu.float(), logvar.float())
         loss = loss + g.kl_weight * kl
         if g.lambda_tiscl > 0:
-            feats = self.enc.encode_images(fakes[-1])
+            with self.autocast():
+                feats = self.enc.encode_images(fakes[-1])
             cls = batch["class_ids"].to(dev) if bool((batch["class_ids"] >= 0).all()) else None
-            t = damsm_loss(feats.regions, feats.global_features, words, sent, lens, class_ids=cls,
+            t = damsm_loss(feats.regions.float(), feats.global_features.float(), words, sent, lens, class_ids=cls,
                            region_mask=feats.region_mask, gamma1=cfg.damsm.gamma1, gamma2=cfg.damsm.gamma2,
                            gamma3=cfg.damsm.gamma3)
             loss = loss + g.lambda_tiscl * t["loss"]
