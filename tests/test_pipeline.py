@@ -148,3 +148,42 @@ def test_demo_trains_the_evaluator_in_a_second_process(tmp_path, monkeypatch, ca
     assert (out / "report.html").exists()
     assert main(args) == 0
     assert "second process" not in capsys.readouterr().err
+
+
+def test_standing_statistics_of_the_ema_generator(plain_run, tmp_path):
+    """Before sampling, every BN layer of the EMA generator holds the plain average of its per-batch input
+    moments over `gan.standing_batches` batches (checked with hooks), and training is unaffected."""
+    from cpgan.stages.base import StageContext
+    from cpgan.utils.logging import JsonlLogger
+
+    run_dir, _ = plain_run
+    d = tmp_path / "s"
+    shutil.copytree(run_dir, d)
+    cfg = _cfg(*PLAIN, "gan.standing_batches=3")
+    ctx = StageContext(run_dir=d, stage="gan", device=torch.device("cpu"), logger=JsonlLogger(tmp_path / "l.jsonl"))
+    tr = gan_stage.Trainer(cfg, ctx)
+    bns = [m for m in tr.G_ema.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    seen = {id(m): [] for m in bns}
+
+    def hook(mod, inp):
+        x = inp[0].detach().double()
+        dims = [0] + list(range(2, x.dim()))
+        n = x.numel() / x.shape[1]
+        seen[id(mod)].append((x.mean(dims), x.var(dims, unbiased=True), n))
+
+    handles = [m.register_forward_pre_hook(hook) for m in bns]
+    params = {k: v.clone() for k, v in tr.G_ema.state_dict().items() if "running" not in k and "num_batches" not in k}
+    G = tr.sampling_generator()
+    for h in handles:
+        h.remove()
+    assert G is tr.G_ema and not G.training
+    for m in bns:
+        rec = seen[id(m)]
+        assert len(rec) % 3 == 0 and rec  # a shared module (the residual up-block) runs once per stage
+        mean = sum(r[0] for r in rec) / len(rec)
+        var = sum(r[1] for r in rec) / len(rec)
+        assert torch.allclose(m.running_mean.double(), mean, rtol=1e-4, atol=1e-6)
+        assert torch.allclose(m.running_var.double(), var, rtol=1e-4, atol=1e-6)
+    for k, v in G.state_dict().items():
+        if k in params:
+            assert torch.equal(v, params[k]), k

@@ -156,6 +156,11 @@ class CaptionerConfig:
     seed: int = 0
     dropout: float = 0.5
     """Dropout on the language-LSTM output before the word classifier (common BUTD reimplementations)."""
+    init_std: float = 0.01
+    """Weights ~ N(0, init_std), biases 0 (BUTD paper)."""
+    feature_center: bool = False
+    """Subtract the mean training region feature from every region feature inside the captioner (not in BUTD;
+    see :class:`cpgan.models.captioner.UpDownCaptioner`). The memory (eq. 7) still averages the raw features."""
     max_words: int = 20
     """Training captions are cut to their first ``max_words`` words (release: 20; ruotianluo: 16)."""
     grad_clip: float = 0.1
@@ -225,10 +230,17 @@ class GanConfig:
     kl_weight: float = 1.0
     ema_decay: float = 0.999
     """EMA of the generator weights used for sampling (0 = off)."""
+    standing_batches: int = 8
+    """Training batches over which the EMA generator's BatchNorm statistics are re-estimated before it
+    samples or is saved (BigGAN's standing statistics; 0 = keep the raw generator's running statistics)."""
+    init: str = "attngan"
+    """Weight initialisation of G and the Ds: ``attngan`` (its trainer's ``weights_init``: orthogonal
+    conv/linear weights, BN weight ~ N(1, 0.02)) or ``pytorch`` (the layers' defaults)."""
     amp: str = ""
     """Mixed precision of the forward passes: ``bf16`` (``torch.autocast`` with bfloat16; losses, optimiser and
-    weights stay float32) or empty = float32. On CPUs with AVX512-BF16 (and on GPUs) a step is about 1.5x
-    faster."""
+    weights stay float32), empty = float32, or ``auto`` = bf16 where the hardware has native bfloat16 (a CPU
+    with AVX512-BF16/AMX, a GPU that supports it) and float32 elsewhere. On an AVX512-BF16 CPU a shapes-quick
+    step is about 1.5x faster with the same quality per step."""
     augment: str = ""
     """Differentiable augmentation of every image the discriminators see, real and generated alike
     (DiffAugment, Zhao et al. 2020; not in the paper): comma-separated of ``translation`` (shift by up to 1/8 of

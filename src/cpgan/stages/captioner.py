@@ -103,6 +103,18 @@ class RegionView:
         return feats, valid, boxes
 
 
+def mean_region_feature(regions: RegionView, n: int, device: torch.device | str = "cpu",
+                        max_images: int = 4000, batch: int = 500) -> torch.Tensor:
+    """Mean of the valid region features of the first ``min(n, max_images)`` images of a split, ``(D,)``."""
+    total = torch.zeros(regions.feat_dim, dtype=torch.float64, device=device)
+    count = 0
+    for start in range(0, min(n, max_images), batch):
+        feats, valid, _ = regions.batch(range(start, min(start + batch, n, max_images)), device)
+        total += (feats.double() * valid.unsqueeze(-1)).sum((0, 1))
+        count += int(valid.sum())
+    return (total / max(count, 1)).float()
+
+
 def load_captioner(run_dir: Path, device: torch.device | str = "cpu",
                    vocab: Vocabulary | None = None) -> tuple[UpDownCaptioner, dict]:
     """The trained captioner of ``RUN_DIR/captioner`` (eval mode) and its sidecar metadata.
@@ -195,9 +207,12 @@ def run(cfg: Config, ctx: StageContext) -> dict:
     ids = special_ids(len(vocab))
     model_args = {"vocab_size": ids["vocab_size"], "feat_dim": reg_train.feat_dim, "embed_dim": c.embed_dim,
                   "hidden_dim": c.hidden_dim, "att_hidden_dim": c.att_dim, "dropout": c.dropout,
-                  "bos_id": ids["bos_id"], "eos_id": ids["eos_id"], "pad_id": ids["pad_id"]}
+                  "bos_id": ids["bos_id"], "eos_id": ids["eos_id"], "pad_id": ids["pad_id"],
+                  "init_std": c.init_std, "feature_center": c.feature_center}
     torch.manual_seed(c.seed)
     model = UpDownCaptioner(**model_args).to(device)
+    if c.feature_center:
+        model.feat_center.copy_(mean_region_feature(reg_train, len(train), device))
     opt = torch.optim.Adam(model.parameters(), lr=c.lr)
     batch_size = c.batch_size
     if batch_size > len(train):

@@ -35,7 +35,7 @@ from ..diffaug import augment, parse_policy
 from ..gan_losses import d_hinge_loss, g_hinge_loss, kl_loss
 from ..losses import damsm_loss
 from ..models.discriminator import D_NET
-from ..models.generator import G_NET, truncated_noise
+from ..models.generator import G_NET, init_weights_attngan, truncated_noise
 from ..utils import distributed as dist
 from ..utils.checkpoint import load_state, save_state, save_weights
 from ..utils.logging import echo, progress
@@ -65,6 +65,25 @@ def build_discriminators(cfg: Config) -> torch.nn.ModuleList:
 
 def final_size(cfg: Config) -> int:
     return cfg.model.base_size * 2 ** (cfg.model.branch_num - 1)
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` runs bfloat16 convolutions natively: a CUDA GPU that supports it, or a CPU with the
+    AVX512-BF16 or AMX-BF16 instructions (read from /proc/cpuinfo; False where that file does not exist)."""
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def resolve_amp(amp: str, device: torch.device) -> bool:
+    """``gan.amp`` -> use bfloat16 autocast? ``""`` no, ``bf16`` yes, ``auto`` where :func:`native_bf16`."""
+    if amp not in ("", "bf16", "auto"):
+        raise ValueError(f"gan.amp must be '' (off), 'bf16' or 'auto', got {amp!r}")
+    return amp == "bf16" or (amp == "auto" and native_bf16(device))
 
 
 def padding_mask(captions: torch.Tensor) -> torch.Tensor:
@@ -150,6 +169,11 @@ class Trainer:
         torch.manual_seed(g.seed)
         self.G = build_generator(cfg).to(dev)
         self.Ds = build_discriminators(cfg).to(dev)
+        if g.init == "attngan":  # AttnGAN's trainer: G and D .apply(weights_init) (orthogonal, BN ~ N(1, .02))
+            self.G.apply(init_weights_attngan)
+            self.Ds.apply(init_weights_attngan)
+        elif g.init != "pytorch":
+            raise ValueError(f"gan.init must be 'attngan' or 'pytorch', got {g.init!r}")
         self.G_ema = copy.deepcopy(self.G).eval() if g.ema_decay > 0 else None
         self.opt_g = torch.optim.Adam(self.G.parameters(), lr=g.lr_g, betas=(g.beta1, g.beta2))
         self.opt_d = [torch.optim.Adam(d.parameters(), lr=g.lr_d, betas=(g.beta1, g.beta2)) for d in self.Ds]
@@ -157,8 +181,10 @@ class Trainer:
         self.Gw, self.Dw = self.G, list(self.Ds)
         self.step, self.spent, self.history = 0, 0.0, []
         self.augment = parse_policy(g.augment)
-        if g.amp not in ("", "bf16"):
-            raise ValueError(f"gan.amp must be '' (off) or 'bf16', got {g.amp!r}")
+        self.amp = resolve_amp(g.amp, self.device)
+        if g.amp == "auto":
+            echo(f"[gan] gan.amp=auto: {'bfloat16 autocast' if self.amp else 'float32'} on this "
+                 f"{self.device.type.upper()}")
         self.state_path = ctx.dir / STATE
         if self.state_path.exists():
             self.load(self.state_path)
@@ -191,10 +217,50 @@ class Trainer:
             self.G_ema.load_state_dict(st["G_ema"])
         self.step, self.spent, self.history = st["step"], st["seconds"], st["history"]
 
+    @torch.no_grad()
+    def sampling_generator(self) -> torch.nn.Module:
+        """The generator to sample with: the EMA (when enabled) with *standing* BatchNorm statistics.
+
+        The EMA averages the weights, but its BN running statistics would be the raw generator's (measured with
+        other weights): sampling in eval mode with them lost 0.1 colour accuracy at 600 steps (0.46 vs 0.56).
+        As BigGAN's "standing statistics", the running mean/var are re-estimated as the plain average over
+        ``gan.standing_batches`` training batches (fixed captions and noise: the same at every call) passed
+        through the EMA generator in train mode. The next EMA update copies the raw generator's buffers back,
+        so training is unaffected. Without EMA, or with ``standing_batches = 0``, the generator is returned as is.
+        """
+        G = self.G_ema if self.G_ema is not None else self.G
+        n = self.cfg.gan.standing_batches
+        if self.G_ema is None or n <= 0:
+            return G
+        bns = [m for m in G.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        if not bns:
+            return G
+        moments = [m.momentum for m in bns]
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average
+        B = self.cfg.gan.batch_size
+        gen = torch.Generator().manual_seed(self.cfg.gan.seed + 7919)
+        order = torch.randperm(len(self.ds), generator=gen)
+        G.train()
+        for k in range(n):
+            items = [it for it in (self.ds[int(i)] for i in order[k * B:(k + 1) * B]) if it is not None]
+            if len(items) < 2:
+                break
+            b = collate(items)
+            words, sent, mask = self._text(b["captions"].to(self.device), b["lengths"].to(self.device))
+            z = truncated_noise(len(items), self.cfg.model.z_dim, None, generator=gen).to(self.device)
+            eps = torch.randn(len(items), self.cfg.model.condition_dim, generator=gen).to(self.device)
+            G(z, sent, words, mask, eps)
+        G.eval()
+        for m, mom in zip(bns, moments):
+            m.momentum = mom
+        return G
+
     def export(self) -> Path:
-        """Write the sampling generator (EMA when enabled) with its sidecar."""
+        """Write the sampling generator (EMA with standing statistics when enabled) with its sidecar."""
         path = self.ctx.dir / "generator.safetensors"
-        g = self.G_ema if self.G_ema is not None else self.G
+        g = self.sampling_generator()
         if self.info.is_main:
             save_weights(path, g.state_dict(), {
                 "step": self.step, "ema": self.G_ema is not None, "vocab_sha256": self.vocab.sha256(),
@@ -204,7 +270,7 @@ class Trainer:
     # ---- one step ------------------------------------------------------------------------------
     def autocast(self):
         """``gan.amp``: bfloat16 autocast of the forward passes (losses stay float32); a no-op when off."""
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.gan.amp == "bf16")
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp)
 
     def _text(self, caps: torch.Tensor, lens: torch.Tensor):
         with torch.no_grad():
@@ -300,7 +366,7 @@ class Trainer:
     def sample(self, tag: str) -> Path | None:
         if not self.info.is_main:
             return None
-        G = self.G_ema if self.G_ema is not None else self.G
+        G = self.sampling_generator()
         was = G.training
         G.eval()
         b = self.fixed
@@ -358,8 +424,7 @@ class Trainer:
             if self.step % g.sample_every == 0:
                 self.sample(f"step_{self.step:06d}")
                 if evaluator is not None and self.info.is_main:
-                    G = self.G_ema if self.G_ema is not None else self.G
-                    m = evaluator(G, self)
+                    m = evaluator(self.sampling_generator(), self)
                     m["minutes"] = deadline.elapsed / 60
                     self.history.append({"step": self.step, **m})
                     self.ctx.log(self.step, **{f"eval_{k}": v for k, v in m.items()})

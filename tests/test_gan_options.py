@@ -1,4 +1,4 @@
-"""DiffAugment option of the GAN stage: transforms against per-pixel loop references."""
+"""GAN stage options: DiffAugment transforms against per-pixel loop references, the amp switch."""
 import pytest
 import torch
 
@@ -57,3 +57,13 @@ def test_augment_is_differentiable_and_reproducible():
 def test_unknown_policy_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown augmentation colour"):
         parse_policy("translation, colour")
+
+
+def test_amp_switch_is_validated_and_resolved():
+    from cpgan.stages.gan import native_bf16, resolve_amp
+
+    cpu = torch.device("cpu")
+    assert resolve_amp("", cpu) is False and resolve_amp("bf16", cpu) is True
+    assert resolve_amp("auto", cpu) is native_bf16(cpu)
+    with pytest.raises(ValueError, match="gan.amp"):
+        resolve_amp("fp16", cpu)
