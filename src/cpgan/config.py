@@ -161,6 +161,9 @@ class CaptionerConfig:
     feature_center: bool = False
     """Subtract the mean training region feature from every region feature inside the captioner (not in BUTD;
     see :class:`cpgan.models.captioner.UpDownCaptioner`). The memory (eq. 7) still averages the raw features."""
+    mean_feature: bool = True
+    """Feed the mean region feature v̄ to the attention LSTM (BUTD). False makes attention the only visual path
+    (not in BUTD; see :class:`cpgan.models.captioner.UpDownCaptioner`)."""
     max_words: int = 20
     """Training captions are cut to their first ``max_words`` words (release: 20; ruotianluo: 16)."""
     grad_clip: float = 0.1

@@ -23,6 +23,8 @@ Choices (constructor arguments; paper values as defaults, REFERENCE.md §5.2):
   training region feature, is subtracted) before everything else. YOLOv3 region features share a large common
   component (mean cosine 0.78 between the regions of one shapes image), which left the attention uniform;
   centring makes the differences between regions what the attention sees. Not in BUTD (our option);
+* ``mean_feature=True``: the attention LSTM is fed v̄ (BUTD). False feeds zeros instead (same parameter
+  shapes), so that the attended feature is the captioner's only view of the image (our option);
 * special tokens ``bos_id`` (input of step 0), ``eos_id`` (ends a caption), ``pad_id`` (after
   EOS in decoded outputs); ``bos_id`` and ``pad_id`` (if distinct from EOS) are never generated.
 
@@ -111,6 +113,7 @@ class UpDownCaptioner(nn.Module):
         pad_id: int = 0,
         init_std: float = 0.01,
         feature_center: bool = False,
+        mean_feature: bool = True,
     ) -> None:
         super().__init__()
         for name, val in (("bos_id", bos_id), ("eos_id", eos_id), ("pad_id", pad_id)):
@@ -121,6 +124,7 @@ class UpDownCaptioner(nn.Module):
         self.hidden_dim = hidden_dim
         self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, pad_id
         self.embed = nn.Embedding(vocab_size, embed_dim)
+        self.mean_feature = mean_feature
         self.att_lstm = nn.LSTMCell(hidden_dim + feat_dim + embed_dim, hidden_dim)
         self.lang_lstm = nn.LSTMCell(feat_dim + hidden_dim, hidden_dim)
         self.att_feat = nn.Linear(feat_dim, att_hidden_dim, bias=att_bias)  # W_va
@@ -189,7 +193,7 @@ class UpDownCaptioner(nn.Module):
         proj: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
         h1, c1, h2, c2 = state
-        x1 = torch.cat([h2, mean, self.embed(tokens)], 1)
+        x1 = torch.cat([h2, mean if self.mean_feature else torch.zeros_like(mean), self.embed(tokens)], 1)
         h1, c1 = self.att_lstm(x1, (h1, c1))
         alpha, ctx = self._attend(h1, feats, mask, proj)
         h2, c2 = self.lang_lstm(torch.cat([ctx, h1], 1), (h2, c2))

@@ -208,7 +208,8 @@ def run(cfg: Config, ctx: StageContext) -> dict:
     model_args = {"vocab_size": ids["vocab_size"], "feat_dim": reg_train.feat_dim, "embed_dim": c.embed_dim,
                   "hidden_dim": c.hidden_dim, "att_hidden_dim": c.att_dim, "dropout": c.dropout,
                   "bos_id": ids["bos_id"], "eos_id": ids["eos_id"], "pad_id": ids["pad_id"],
-                  "init_std": c.init_std, "feature_center": c.feature_center}
+                  "init_std": c.init_std, "feature_center": c.feature_center,
+                  "mean_feature": c.mean_feature}
     torch.manual_seed(c.seed)
     model = UpDownCaptioner(**model_args).to(device)
     if c.feature_center:
