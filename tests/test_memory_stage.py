@@ -250,7 +250,7 @@ def test_bank_matches_slow_reference(base, tmp_path):
     # a captioner with large random weights: decisive attention, so argmaxes have clear margins
     _, meta = load_weights(run_dir / "captioner" / "captioner.safetensors")
     torch.manual_seed(3)
-    model = UpDownCaptioner(**meta["model"], init_std=0.3)
+    model = UpDownCaptioner(**{**meta["model"], "init_std": 0.3})
     save_weights(run_dir / "captioner" / "captioner.safetensors", model.state_dict(), meta)
     res = run_stages(base["cfg"], run_dir, only=["memory"], force=True, strict_upstream=True)["memory"]
     sd, _ = _memory(run_dir)
