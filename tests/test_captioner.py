@@ -263,3 +263,33 @@ def test_word_region_attention_feeds_bos_and_previous_words():
     assert spy.seen_training is False and spy.training is True
     assert q.tolist() == [[BOS, 5, 6, 7], [BOS, 9, -1, -1]]
     assert a.tolist() == [[1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 0.0, 0.0]]
+
+
+def test_feature_centre_and_mean_feature_options():
+    """feature_center: the model on v equals the plain model on v - centre (same weights);
+    mean_feature=False: the attention LSTM sees zeros instead of v̄, i.e. the plain model whose v̄ term is 0."""
+    torch.manual_seed(0)
+    kw = dict(vocab_size=12, feat_dim=6, embed_dim=5, hidden_dim=7, att_hidden_dim=4, dropout=0.0,
+              bos_id=11, eos_id=0, pad_id=0, init_std=0.3)
+    plain = UpDownCaptioner(**kw).eval()
+    centred = UpDownCaptioner(**kw, feature_center=True).eval()
+    centred.load_state_dict({**plain.state_dict(), "feat_center": torch.randn(6)})
+    feats, mask = torch.randn(3, 4, 6), torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]], dtype=torch.bool)
+    inputs = torch.randint(1, 11, (3, 5))
+    with torch.no_grad():
+        a = centred(feats, mask, inputs)
+        b = plain(feats - centred.feat_center, mask, inputs)
+    assert torch.allclose(a[0], b[0], atol=1e-6) and torch.allclose(a[1], b[1], atol=1e-6)
+
+    no_mean = UpDownCaptioner(**kw, mean_feature=False).eval()
+    no_mean.load_state_dict(plain.state_dict())
+    zeroed = UpDownCaptioner(**kw).eval()
+    sd = plain.state_dict()
+    w = sd["att_lstm.weight_ih"].clone()
+    w[:, 7:13] = 0  # input layout [h2 (7); v̄ (6); embedding (5)]: the v̄ columns
+    zeroed.load_state_dict({**sd, "att_lstm.weight_ih": w})
+    with torch.no_grad():
+        c = no_mean(feats, mask, inputs)
+        d = zeroed(feats, mask, inputs)
+        e = plain(feats, mask, inputs)
+    assert torch.allclose(c[0], d[0], atol=1e-6) and not torch.allclose(c[0], e[0], atol=1e-3)
