@@ -86,7 +86,7 @@ def base(tmp_path_factory):
     rare = min(sorted(per_word), key=lambda w: per_word[w])
     empty = {k for k, caps in zip(train.keys, train.captions) if any(rare in c for c in caps)}
     write_region_stores(run_dir, empty)
-    res = run_stages(cfg, run_dir, only=["captioner", "memory"], strict_upstream=True)
+    res = run_stages(cfg, run_dir, only=["captioner", "memory"], check_upstream=False)
     return {"run_dir": run_dir, "cfg": cfg, "res": res, "empty": empty, "rare": rare}
 
 
@@ -132,11 +132,11 @@ def test_captioner_resume_after_sigterm_is_identical(base, tmp_path, monkeypatch
         return original(*a, **kw)
 
     monkeypatch.setattr(cap_stage, "caption_loss", loss_then_kill)
-    res = run_stages(base["cfg"], run_dir, only=["captioner"], force=True, strict_upstream=True)
+    res = run_stages(base["cfg"], run_dir, only=["captioner"], force=True, check_upstream=False)
     assert res["captioner"]["status"] == "interrupted" and res["captioner"]["steps"] == 12
     assert not (run_dir / "captioner" / "captioner.safetensors").exists()
     monkeypatch.setattr(cap_stage, "caption_loss", original)
-    res = run_stages(base["cfg"], run_dir, only=["captioner"], strict_upstream=True)
+    res = run_stages(base["cfg"], run_dir, only=["captioner"], check_upstream=False)
     assert res["captioner"]["status"] == "done" and res["captioner"]["steps"] == 30
     got, _ = load_weights(run_dir / "captioner" / "captioner.safetensors")
     ref, _ = load_weights(base["run_dir"] / "captioner" / "captioner.safetensors")
@@ -145,7 +145,7 @@ def test_captioner_resume_after_sigterm_is_identical(base, tmp_path, monkeypatch
         assert torch.equal(got[k], ref[k]), k
     assert res["captioner"]["val_loss"] == base["res"]["captioner"]["val_loss"]
     # a larger step budget continues from the finished run's checkpoint instead of starting over
-    res = run_stages(_cfg("captioner.steps=34"), run_dir, only=["captioner"], strict_upstream=True)
+    res = run_stages(_cfg("captioner.steps=34"), run_dir, only=["captioner"], check_upstream=False)
     assert res["captioner"]["status"] == "done"
     assert res["captioner"]["resumed_from_step"] == 30 and res["captioner"]["steps"] == 34
 
@@ -215,12 +215,12 @@ def test_resume_after_sigterm_is_identical(base, tmp_path, monkeypatch):
                 signal.raise_signal(signal.SIGTERM)
 
     monkeypatch.setattr(mem_stage, "MemoryBuilder", Killed)
-    res = run_stages(base["cfg"], run_dir, only=["memory"], force=True, strict_upstream=True)
+    res = run_stages(base["cfg"], run_dir, only=["memory"], force=True, check_upstream=False)
     assert res["memory"]["status"] == "interrupted"
     assert (run_dir / "memory" / "state.safetensors").exists()
     assert not (run_dir / "memory" / "memory.safetensors").exists()
     monkeypatch.setattr(mem_stage, "MemoryBuilder", original)
-    res = run_stages(base["cfg"], run_dir, only=["memory"], strict_upstream=True)
+    res = run_stages(base["cfg"], run_dir, only=["memory"], check_upstream=False)
     assert res["memory"]["status"] == "done" and res["memory"]["resumed_at_batch"] == 3
     got, _ = _memory(run_dir)
     ref, _ = _memory(base["run_dir"])
@@ -235,7 +235,7 @@ def test_pointer_mode_gives_the_same_bank(base, tmp_path):
     """memory.store_features=false keeps only (image, region) pointers and reads the features back at the end."""
     run_dir = tmp_path / "run"
     shutil.copytree(base["run_dir"], run_dir)
-    res = run_stages(_cfg("memory.store_features=false"), run_dir, only=["memory"], strict_upstream=True)
+    res = run_stages(_cfg("memory.store_features=false"), run_dir, only=["memory"], check_upstream=False)
     assert res["memory"]["status"] == "done"
     got, _ = _memory(run_dir)
     ref, _ = _memory(base["run_dir"])
@@ -252,7 +252,7 @@ def test_bank_matches_slow_reference(base, tmp_path):
     torch.manual_seed(3)
     model = UpDownCaptioner(**{**meta["model"], "init_std": 0.3})
     save_weights(run_dir / "captioner" / "captioner.safetensors", model.state_dict(), meta)
-    res = run_stages(base["cfg"], run_dir, only=["memory"], force=True, strict_upstream=True)["memory"]
+    res = run_stages(base["cfg"], run_dir, only=["memory"], force=True, check_upstream=False)["memory"]
     sd, _ = _memory(run_dir)
 
     m64 = model.double().eval()
@@ -339,4 +339,4 @@ def test_missing_region_store_is_a_clear_error(base, tmp_path):
     shutil.copytree(base["run_dir"], run_dir)
     shutil.rmtree(run_dir / "detector" / "regions_train")
     with pytest.raises(StageError, match="no region store for split 'train'.*detector"):
-        run_stages(base["cfg"], run_dir, only=["memory"], force=True, strict_upstream=True)
+        run_stages(base["cfg"], run_dir, only=["memory"], force=True, check_upstream=False)

@@ -64,7 +64,7 @@ def cmd_stage(args) -> int:
     from .stages.base import run_stages
 
     cfg = _load(args)
-    res = run_stages(cfg, _run_dir(args, cfg), only=[args.command], force=args.force, strict_upstream=False)
+    res = run_stages(cfg, _run_dir(args, cfg), only=[args.command], force=args.force, check_upstream=True)
     return 0 if all(r.get("status") != "interrupted" for r in res.values()) else 130
 
 

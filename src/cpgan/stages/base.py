@@ -209,11 +209,12 @@ def _install_signal_handlers(flag: list[bool]):
 
 
 def run_stages(cfg: Config, run_dir: str | Path, only: list[str] | None = None, force: bool = False,
-               strict_upstream: bool = False) -> dict[str, dict]:
+               check_upstream: bool = True) -> dict[str, dict]:
     """Run the chain (or ``only`` these stages, in pipeline order). Returns each stage's summary.
 
-    ``strict_upstream``: when running a single stage as its own sub-command, do not run missing upstream
-    stages; the stage reports which one is missing.
+    ``check_upstream``: refuse to run a stage whose needed upstream stage is missing or out of date (other hash)
+    in ``run_dir`` and not among the stages being run. False skips that check; the stage then fails on a
+    missing input by itself (tests that replace an upstream output in place use it).
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -257,7 +258,7 @@ def run_stages(cfg: Config, run_dir: str | Path, only: list[str] | None = None, 
                 if info.enabled and not st.distributed:
                     dist.barrier(info)
                 continue
-            if not strict_upstream:
+            if check_upstream:
                 for u in st.upstream:
                     if u in stages and stages[u].needed(cfg):
                         ud = stage_status(run_dir, u)
