@@ -138,6 +138,8 @@ def main() -> None:
     ap.add_argument("--train-batch-paper", type=int, default=None)
     ap.add_argument("--no-train", action="store_true", help="skip the training-step benchmark")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--amp", nargs="+", default=["fp32"], choices=["fp32", "bf16"],
+                    help="precisions to time: fp32 and/or bf16 autocast (the GAN stage's gan.amp)")
     args = ap.parse_args()
     if args.reps < 1:
         ap.error("--reps must be >= 1")
@@ -158,16 +160,23 @@ def main() -> None:
                  "g_params": sum(p.numel() for p in g.parameters()),
                  "d_params": [sum(p.numel() for p in d.parameters()) for d in ds],
                  "sampling": [], "train": None}
-        for b in args.batches:
-            r = bench_sampling(g, s, b, args.reps, gen)
-            entry["sampling"].append(r)
-            print(f"[{s.name}] sample batch {b:3d}: {r['images_per_s']:8.2f} images/s "
-                  f"({r['sec_per_batch_mean']:.3f} s/batch)", flush=True)
-        if not args.no_train:
-            r = bench_train_step(g, ds, s, args.reps, gen)
-            entry["train"] = r
-            print(f"[{s.name}] train step batch {r['batch']}: {r['step_s']:.3f} s "
-                  f"(D {r['d_step_s']:.3f} s + G {r['g_step_s']:.3f} s)", flush=True)
+        entry["train_by_amp"] = {}
+        for amp in args.amp:
+            ctx = torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp == "bf16")
+            for b in args.batches:
+                with ctx:
+                    r = bench_sampling(g, s, b, args.reps, gen)
+                r["amp"] = amp
+                entry["sampling"].append(r)
+                print(f"[{s.name}] {amp} sample batch {b:3d}: {r['images_per_s']:8.2f} images/s "
+                      f"({r['sec_per_batch_mean']:.3f} s/batch)", flush=True)
+            if not args.no_train:
+                with ctx:
+                    r = bench_train_step(g, ds, s, args.reps, gen)
+                entry["train_by_amp"][amp] = r
+                entry["train"] = entry["train"] or r
+                print(f"[{s.name}] {amp} train step batch {r['batch']}: {r['step_s']:.3f} s "
+                      f"(D {r['d_step_s']:.3f} s + G {r['g_step_s']:.3f} s)", flush=True)
         results["settings"].append(entry)
         del g, ds
     if args.out:

@@ -17,7 +17,8 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     jobs = [
-        ["bench_generator.py", "--out", str(out / "generator.json"), "--threads", str(args.threads)],
+        ["bench_generator.py", "--out", str(out / "generator.json"), "--threads", str(args.threads),
+         "--amp", "fp32", "bf16"],
         ["bench_regions.py", "--out", str(out / "regions.json"), "--threads", str(args.threads)],
         ["bench_damsm.py", "--out", str(out / "damsm.json"), "--threads", str(args.threads)],
     ]
