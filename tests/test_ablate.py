@@ -238,7 +238,7 @@ def test_resume_skips_finished_rows_and_shares_stages(tmp_path, monkeypatch):
     rec = _Recorder()
     monkeypatch.setattr(ablate, "run_stages", rec)
     out = tmp_path / "abl"
-    args = dict(preset="shapes-quick", out=out, overrides=_tiny(), figure=False)
+    args = dict(preset="shapes-quick", out=out, overrides=_tiny(), figure=False, independent=False)
     # a row finished earlier under the current configuration
     base = ablate.base_config("shapes-quick", out, _tiny())
     done_cfg = row_config(base, ROWS[0], 0)
@@ -292,7 +292,14 @@ def test_linked_stages_are_up_to_date_for_the_real_runner(tmp_path, monkeypatch)
     monkeypatch.setattr(ablate, "run_stages", rec)
     out = tmp_path / "abl"
     ablate.run_ablation("shapes-quick", out, rows="attngan-plus,fgcd", seeds=1, overrides=_tiny(), figure=False)
-    assert rec.count("evaluator") == 1 and rec.count("damsm") == 1 and rec.count("data") == 1
+    # DAMSM twice: the rows' plain+grid one and the independent one (same encoders, damsm.seed + 1000)
+    assert rec.count("evaluator") == 1 and rec.count("damsm") == 2 and rec.count("data") == 1
+    base = ablate.base_config("shapes-quick", out, _tiny())
+    ind = Path(load_config(str(run_dir_of(out, ROWS[0], 0) / "config.yaml")).evaluate.independent_damsm)
+    ind_cfg = load_config(str(ind / "config.yaml"))
+    assert ind_cfg.damsm.seed == base.damsm.seed + ablate.INDEPENDENT_SEED_OFFSET
+    assert (ind_cfg.model.text_encoder, ind_cfg.model.image_encoder) == ("plain", "grid")
+    assert stage_status(ind, "damsm") and ind.resolve() != (run_dir_of(out, ROWS[0], 0) / "damsm").resolve().parent
     for row in (ROWS[0], ROWS[3]):
         rd = run_dir_of(out, row, 0)
         assert stage_status(rd, "evaluator")["summary"]["steps"] == 2

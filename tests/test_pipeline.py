@@ -187,3 +187,21 @@ def test_standing_statistics_of_the_ema_generator(plain_run, tmp_path):
     for k, v in G.state_dict().items():
         if k in params:
             assert torch.equal(v, params[k]), k
+
+
+def test_independent_damsm_r_precision(plain_run, tmp_path):
+    """evaluate.independent_damsm: with the run's own (plain+grid) DAMSM as the 'independent' one, the extra
+    R-precision must equal the standard one exactly (same encoders, same negatives); bad folders are refused."""
+    from cpgan.stages.base import StageError
+    from cpgan.stages.evaluate import evaluate_run
+
+    run_dir, _ = plain_run
+    cfg = _cfg(*PLAIN, f"evaluate.independent_damsm={run_dir}", "evaluate.n_images=30")
+    res = evaluate_run(cfg, run_dir, torch.device("cpu"), tmp_path / "ev")
+    for split in ("test", "test_novel"):
+        for kind in ("generated", "real"):
+            m = res["splits"][split][kind]
+            assert m["r_precision_dmgan_indep"] == pytest.approx(m["r_precision_dmgan"], abs=1e-9), (split, kind)
+    with pytest.raises(StageError, match="no finished damsm"):
+        evaluate_run(_cfg(*PLAIN, f"evaluate.independent_damsm={tmp_path}"), run_dir, torch.device("cpu"),
+                     tmp_path / "ev2")

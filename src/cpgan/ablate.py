@@ -44,6 +44,11 @@ Workers: several invocations may run on the same OUT at once (e.g. one per CPU c
 needs it (the others wait and reuse it), and a row/seed being trained by one worker is skipped by the others.
 Every worker writes the table of what is finished when it ends.
 
+R-precision is measured twice: with the row's own DAMSM (which its generator was trained against, so not
+comparable between rows) and with one **independent DAMSM** shared by all rows (plain + grid encoders trained
+like the AttnGAN⁺ row's with ``damsm.seed + 1000``; ``evaluate.independent_damsm``), the column
+``R-prec (dmgan indep)``. ``--no-independent-damsm`` skips it.
+
 Outputs: ``OUT/ablation.json`` (setup; per row and seed the raw ``evaluate/metrics.json`` splits and the stage
 minutes; per row mean ± spread over seeds; the real-image ceiling), ``OUT/ablation.md`` (one markdown table
 per test split) and ``OUT/ablation.png`` (the same 6 test captions drawn by every row).
@@ -183,6 +188,19 @@ def row_config(base: Config, row: AblationRow, seed: int) -> Config:
     for key in SEED_KEYS:
         set_key(cfg, key, int(get_key(base, key)) + seed)
     cfg.name = f"{base.name}-{row.slug}-seed{seed}"
+    return cfg
+
+
+INDEPENDENT_SEED_OFFSET = 1000
+"""The independent DAMSM is the AttnGAN⁺ row's (plain + grid) with ``damsm.seed`` raised by this much."""
+
+
+def independent_damsm_config(base: Config) -> Config:
+    """Config of the DAMSM that measures every row's R-precision: plain text + grid image encoder, trained
+    like the rows' DAMSMs but with another seed, so no row's generator was trained against it."""
+    cfg = row_config(base, resolve_rows("attngan-plus")[0], 0)
+    cfg.damsm.seed = int(base.damsm.seed) + INDEPENDENT_SEED_OFFSET
+    cfg.name = f"{base.name}-independent-damsm"
     return cfg
 
 
@@ -563,7 +581,7 @@ def write_outputs(out: Path, summary: dict, figure: bool = True, device: str = "
 
 def run_ablation(preset: str, out: str | Path, rows: str | Sequence[str] | None = None, seeds: int = 2,
                  budget_minutes: float | None = None, overrides: Iterable[str] = (), figure: bool = True,
-                 table_only: bool = False, shared_only: bool = False) -> dict:
+                 table_only: bool = False, shared_only: bool = False, independent: bool = True) -> dict:
     """Train (unless ``table_only``) and evaluate every row × seed, then write the table; returns the summary.
 
     ``shared_only`` trains the shared stages every row needs (data, evaluator, detector, captioner, memory,
@@ -584,6 +602,11 @@ def run_ablation(preset: str, out: str | Path, rows: str | Sequence[str] | None 
     if missing:
         raise StageError(f"stages not implemented in this install: {', '.join(missing)}")
     seed_list = list(range(seeds))
+    cache = StageCache(out / "_shared" / "stages", stages)
+    ind_cfg = None
+    if independent and not base.evaluate.independent_damsm:
+        ind_cfg = independent_damsm_config(base)
+        base.evaluate.independent_damsm = str(cache.folder(ind_cfg, "damsm").resolve())
     configs = {(r.slug, k): row_config(base, r, k) for k in seed_list for r in picked}
     hashes = {key: evaluate_hash(c, stages) for key, c in configs.items()}
     setup = {"preset": preset, "overrides": overrides, "budget_minutes": budget_minutes,
@@ -595,10 +618,12 @@ def run_ablation(preset: str, out: str | Path, rows: str | Sequence[str] | None 
     if not table_only:
         out.mkdir(parents=True, exist_ok=True)
         _check_data_setup(out, base)
-        cache = StageCache(out / "_shared" / "stages", stages)
         todo = [(r, k) for k in seed_list for r in picked]
         busy = []
         try:
+            if ind_cfg is not None and not table_only:
+                echo("[ablate] independent DAMSM (plain + grid, another seed) for every row's R-precision")
+                cache.ensure(ind_cfg, "damsm")
             for i, (row, k) in enumerate(todo, 1):
                 cfg, rd = configs[(row.slug, k)], run_dir_of(out, row, k)
                 tag = f"[ablate] ({i}/{len(todo)}) {row.label} seed {k}"
@@ -656,7 +681,8 @@ def run_ablation(preset: str, out: str | Path, rows: str | Sequence[str] | None 
 def cmd_ablate(args) -> int:
     summary = run_ablation(args.preset, args.out, rows=args.rows, seeds=args.seeds,
                            budget_minutes=args.budget_minutes, overrides=args.overrides,
-                           figure=not args.no_figure, table_only=args.table_only, shared_only=args.shared_only)
+                           figure=not args.no_figure, table_only=args.table_only, shared_only=args.shared_only,
+                           independent=not args.no_independent_damsm)
     print(format_markdown(summary), end="")
     return 130 if summary.get("interrupted") else 0
 
@@ -681,6 +707,9 @@ def add_ablate_command(sub) -> None:
                          "set by the rows")
     sp.add_argument("--table-only", action="store_true", help="train nothing; rebuild the table from finished rows")
     sp.add_argument("--no-figure", action="store_true", help="skip OUT/ablation.png")
+    sp.add_argument("--no-independent-damsm", action="store_true",
+                    help="skip the independent DAMSM (plain + grid, damsm.seed + 1000) that measures every row's "
+                         "R-precision (column 'R-prec (dmgan indep)')")
     sp.add_argument("--shared-only", action="store_true",
                     help="train only the stages shared between rows (data … DAMSM), no GAN")
     sp.set_defaults(func=cmd_ablate)

@@ -269,6 +269,10 @@ class EvaluateConfig:
     under-trained generator truncation at 1.0 collapsed the shapes (colour accuracy 0.03 vs 0.14)."""
     r_precision_folds: int = 10
     inception_weights: str = ""
+    independent_damsm: str = ""
+    """A run directory holding a finished ``damsm`` stage trained with ``model.text_encoder=plain`` and
+    ``model.image_encoder=grid`` on the same vocabulary (e.g. another seed): its encoders measure R-precision
+    (``r_precision_dmgan_indep``) independently of the DAMSM the generator was trained against. Empty = off."""
     seed: int = 0
 
 

@@ -138,6 +138,26 @@ class _Metrics:
         return res
 
 
+def load_independent_damsm(path: str, vocab, device):
+    """Encoders of another run's plain+grid DAMSM (``evaluate.independent_damsm``), checked against ``vocab``."""
+    from ..config import load_config
+    from .base import StageError, stage_status
+    from .damsm import make_encoders
+
+    d = Path(path)
+    if not stage_status(d, "damsm") or not (d / "config.yaml").exists():
+        raise StageError(f"evaluate.independent_damsm: {d} holds no finished damsm stage (damsm/done.json and "
+                         "config.yaml); train one with `cpgan run CONFIG --out DIR --stages damsm`")
+    other = load_config(str(d / "config.yaml"))
+    if other.model.text_encoder != "plain" or other.model.image_encoder != "grid":
+        raise StageError(f"evaluate.independent_damsm: {d} was trained with {other.model.text_encoder}+"
+                         f"{other.model.image_encoder}; use a plain+grid DAMSM (it needs no memory or detector)")
+    if load_vocab(d).sha256() != vocab.sha256():
+        raise StageError(f"evaluate.independent_damsm: {d} has another vocabulary than this run")
+    te, ie = build.load_damsm(other, d, len(vocab), device)
+    return make_encoders(other, d, len(vocab), device, te, ie)
+
+
 def evaluate_run(cfg: Config, run_dir: Path, device: torch.device, out_dir: Path, n_images: int | None = None,
                  untrained: bool = False, log=None) -> dict:
     """Compute every metric for a run; returns the ``metrics.json`` content."""
@@ -153,6 +173,7 @@ def evaluate_run(cfg: Config, run_dir: Path, device: torch.device, out_dir: Path
         from ..encode import detector_object_fn
 
         enc.object_fn = detector_object_fn(cfg, run_dir, device)
+    indep = load_independent_damsm(ev.independent_damsm, vocab, device) if ev.independent_damsm else None
     if untrained:
         torch.manual_seed(cfg.gan.seed)
         G = build_generator(cfg).to(device).eval()
@@ -175,6 +196,7 @@ def evaluate_run(cfg: Config, run_dir: Path, device: torch.device, out_dir: Path
     splits = ["test", "test_novel"] if cfg.data.source == "shapes" else ["test"]
     result = {"generator": "untrained" if untrained else "trained", "n_images": n_images,
               "features": feat_desc, "r_precision_encoders": "the run's DAMSM (the generator was trained against it)",
+              "independent_damsm": ev.independent_damsm or None,
               "truncation": ev.truncation, "splits": {}}
     t0 = time.time()
     for split in splits:
@@ -182,6 +204,7 @@ def evaluate_run(cfg: Config, run_dir: Path, device: torch.device, out_dir: Path
         ds = CaptionDataset(data, sizes, cfg.text.eval_words_num, train=False)
         n = min(n_images, len(ds))
         gen_m, real_m = _Metrics(judge, inception), _Metrics(judge, inception)
+        ind_codes: dict[str, list] = {"gen": [], "real": [], "sent": [], "cls": []}
         bar = progress(total=n, desc=f"evaluate {split}")
         grid_imgs, grid_real = [], []
         trunc = ev.truncation if ev.truncation and ev.truncation > 0 else None
@@ -194,6 +217,12 @@ def evaluate_run(cfg: Config, run_dir: Path, device: torch.device, out_dir: Path
             gen_m.update(fake, enc.encode_images(fake).global_features, sent, b["class_ids"], caps_text)
             real_m.update(real, enc.encode_images(real, split, b["index"]).global_features, sent, b["class_ids"],
                           caps_text)
+            if indep is not None:
+                with torch.no_grad():
+                    ind_codes["sent"].append(indep.encode_text(caps, lens)[1].float().cpu())
+                    ind_codes["gen"].append(indep.encode_images(fake).global_features.float().cpu())
+                    ind_codes["real"].append(indep.encode_images(real).global_features.float().cpu())
+                ind_codes["cls"].append(b["class_ids"].cpu())
             if len(grid_imgs) < 32:
                 grid_imgs += list(to_uint8(fake)[: 32 - len(grid_imgs)])
                 grid_real += list(to_uint8(real)[: 32 - len(grid_real)])
@@ -207,6 +236,15 @@ def evaluate_run(cfg: Config, run_dir: Path, device: torch.device, out_dir: Path
         if gs is not None and rs is not None:
             g["fid"] = frechet_distance(gs.mean(), gs.cov(), rs.mean(), rs.cov())
             r["fid"] = 0.0
+        if indep is not None and ind_codes["sent"]:
+            sc, cls = torch.cat(ind_codes["sent"]), torch.cat(ind_codes["cls"])
+            for key, codes, res in (("gen", ind_codes["gen"], g), ("real", ind_codes["real"], r)):
+                ic = torch.cat(codes)
+                if ic.shape[0] >= 2:
+                    rp = r_precision_dmgan(ic, sc, class_ids=cls if bool((cls >= 0).all()) else None,
+                                           n_negatives=min(99, ic.shape[0] - 1),
+                                           folds=max(1, min(ev.r_precision_folds, ic.shape[0] // 100)), seed=ev.seed)
+                    res["r_precision_dmgan_indep"] = rp["mean"]
         result["splits"][split] = {"generated": g, "real": r}
         if log:
             log(**{f"{split}_{k}": v for k, v in g.items() if isinstance(v, (int, float))})
