@@ -345,3 +345,14 @@ def test_figure_draws_the_same_captions_for_every_row(tmp_path, monkeypatch):
     assert png.exists() and png.stat().st_size > 1000
     assert calls == [(slug, c, 1, 0) for slug in ("attngan-plus", "oaie") for c in caps[:6]]
     assert ablate.write_figure(summarize(tmp_path, [ROWS[7]], [0]), tmp_path / "none.png") is None
+
+
+def test_stage_minutes_prefer_the_stages_own_cumulative_time(tmp_path):
+    """A GAN continued over several calls reports its cumulative minutes; done.json's seconds are the last call's."""
+    rd = tmp_path / "r"
+    _write_run(rd, None, {"damsm": 120.0, "evaluate": 30.0})
+    (rd / "gan").mkdir(parents=True)
+    (rd / "gan" / "done.json").write_text(json.dumps({"hash": "x", "seconds": 42.0, "summary": {"minutes": 5.5}}))
+    m = ablate.stage_minutes(rd)
+    assert m["per_stage"] == {"damsm": 2.0, "gan": 5.5, "evaluate": 0.5}
+    assert m["minutes_gan"] == 5.5 and m["minutes"] == pytest.approx(8.0)

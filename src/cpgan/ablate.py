@@ -360,11 +360,20 @@ def mean_spread(values: Iterable[Any]) -> dict:
 
 
 def stage_minutes(run_dir: Path) -> dict:
-    """Minutes from each stage's ``done.json`` in ``run_dir`` (following links): per stage, total, GAN."""
+    """Minutes from each stage's ``done.json`` in ``run_dir`` (following links): per stage, total, GAN.
+
+    A stage that reports its own cumulative training time (``summary.minutes``, e.g. the GAN continued from a
+    checkpoint over several calls) counts with that; otherwise the wall time of its last run (``seconds``).
+    """
     per = {}
     for name in PIPELINE:
         done = stage_status(Path(run_dir), name)
-        if done and isinstance(done.get("seconds"), (int, float)):
+        if not done:
+            continue
+        own = (done.get("summary") or {}).get("minutes")
+        if isinstance(own, (int, float)) and not isinstance(own, bool):
+            per[name] = float(own)
+        elif isinstance(done.get("seconds"), (int, float)):
             per[name] = float(done["seconds"]) / 60.0
     return {"minutes": sum(per.values()) if per else None, "minutes_gan": per.get("gan"), "per_stage": per}
 
