@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -293,3 +294,23 @@ def test_feature_centre_and_mean_feature_options():
         d = zeroed(feats, mask, inputs)
         e = plain(feats, mask, inputs)
     assert torch.allclose(c[0], d[0], atol=1e-6) and not torch.allclose(c[0], e[0], atol=1e-3)
+
+
+def test_dot_product_attention_option():
+    """attention='dot': α = softmax over valid regions of (W_va v_i)·(W_ha h1)/√H, checked by a per-region loop."""
+    torch.manual_seed(1)
+    m = UpDownCaptioner(vocab_size=9, feat_dim=5, embed_dim=4, hidden_dim=6, att_hidden_dim=3, dropout=0.0,
+                        bos_id=8, eos_id=0, pad_id=0, init_std=0.5, attention="dot").eval()
+    feats = torch.randn(2, 4, 5)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 1, 1]], dtype=torch.bool)
+    h1 = torch.randn(2, 6)
+    with torch.no_grad():
+        alpha, ctx = m._attend(h1, feats, mask, m.att_feat(feats))
+    for b in range(2):
+        q = m.att_hid.weight @ h1[b]
+        s = [float(m.att_feat.weight @ feats[b, i] @ q) / 3 ** 0.5 if mask[b, i] else -math.inf for i in range(4)]
+        ref = torch.softmax(torch.tensor(s), 0)
+        assert torch.allclose(alpha[b], ref.float(), atol=1e-6)
+        assert torch.allclose(ctx[b], (ref.float()[:, None] * feats[b]).sum(0), atol=1e-5)
+    with pytest.raises(ValueError, match="attention"):
+        UpDownCaptioner(vocab_size=9, attention="bilinear")

@@ -164,6 +164,8 @@ class CaptionerConfig:
     mean_feature: bool = True
     """Feed the mean region feature v̄ to the attention LSTM (BUTD). False makes attention the only visual path
     (not in BUTD; see :class:`cpgan.models.captioner.UpDownCaptioner`)."""
+    attention: str = "additive"
+    """``additive`` (BUTD) or ``dot`` (scaled dot product; our option, see the captioner module)."""
     max_words: int = 20
     """Training captions are cut to their first ``max_words`` words (release: 20; ruotianluo: 16)."""
     grad_clip: float = 0.1

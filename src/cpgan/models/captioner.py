@@ -25,6 +25,8 @@ Choices (constructor arguments; paper values as defaults, REFERENCE.md §5.2):
   centring makes the differences between regions what the attention sees. Not in BUTD (our option);
 * ``mean_feature=True``: the attention LSTM is fed v̄ (BUTD). False feeds zeros instead (same parameter
   shapes), so that the attended feature is the captioner's only view of the image (our option);
+* ``attention="additive"`` (BUTD: w_aᵀ tanh(W_va v_i + W_ha h1)) or ``"dot"``: (W_va v_i)·(W_ha h1)/√H, a
+  multiplicative match that selects a region by content more easily (our option; w_a is then unused);
 * special tokens ``bos_id`` (input of step 0), ``eos_id`` (ends a caption), ``pad_id`` (after
   EOS in decoded outputs); ``bos_id`` and ``pad_id`` (if distinct from EOS) are never generated.
 
@@ -114,6 +116,7 @@ class UpDownCaptioner(nn.Module):
         init_std: float = 0.01,
         feature_center: bool = False,
         mean_feature: bool = True,
+        attention: str = "additive",
     ) -> None:
         super().__init__()
         for name, val in (("bos_id", bos_id), ("eos_id", eos_id), ("pad_id", pad_id)):
@@ -125,6 +128,9 @@ class UpDownCaptioner(nn.Module):
         self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, pad_id
         self.embed = nn.Embedding(vocab_size, embed_dim)
         self.mean_feature = mean_feature
+        if attention not in ("additive", "dot"):
+            raise ValueError(f"attention must be 'additive' or 'dot', got {attention!r}")
+        self.attention = attention
         self.att_lstm = nn.LSTMCell(hidden_dim + feat_dim + embed_dim, hidden_dim)
         self.lang_lstm = nn.LSTMCell(feat_dim + hidden_dim, hidden_dim)
         self.att_feat = nn.Linear(feat_dim, att_hidden_dim, bias=att_bias)  # W_va
@@ -172,7 +178,11 @@ class UpDownCaptioner(nn.Module):
 
     def _attend(self, h1: torch.Tensor, feats: torch.Tensor, mask: torch.Tensor, proj: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """α (B, R): softmax over valid regions (exact zeros elsewhere; all zero if none valid)."""
-        scores = self.att_out(torch.tanh(proj + self.att_hid(h1).unsqueeze(1))).squeeze(-1)
+        if self.attention == "dot":  # scaled dot product of W_va v_i and W_ha h1 (w_a unused)
+            q = self.att_hid(h1).unsqueeze(2)  # (B, H, 1)
+            scores = torch.bmm(proj, q).squeeze(-1) / proj.shape[-1] ** 0.5
+        else:
+            scores = self.att_out(torch.tanh(proj + self.att_hid(h1).unsqueeze(1))).squeeze(-1)
         any_valid = mask.any(1, keepdim=True)
         scores = scores.masked_fill(~mask, float("-inf")).masked_fill(~any_valid, 0.0)
         alpha = torch.softmax(scores, dim=1) * mask.to(scores.dtype)

@@ -209,7 +209,7 @@ def run(cfg: Config, ctx: StageContext) -> dict:
                   "hidden_dim": c.hidden_dim, "att_hidden_dim": c.att_dim, "dropout": c.dropout,
                   "bos_id": ids["bos_id"], "eos_id": ids["eos_id"], "pad_id": ids["pad_id"],
                   "init_std": c.init_std, "feature_center": c.feature_center,
-                  "mean_feature": c.mean_feature}
+                  "mean_feature": c.mean_feature, "attention": c.attention}
     torch.manual_seed(c.seed)
     model = UpDownCaptioner(**model_args).to(device)
     if c.feature_center:
