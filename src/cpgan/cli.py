@@ -130,7 +130,7 @@ def _side_stage(run_dir: Path, name: str, threads: int):
 def cmd_demo(args) -> int:
     """The whole chain, then the report. With two or more CPU cores (and ``--sequential`` not given) the
     evaluator — which nothing but the GAN's curves and ``evaluate`` needs — trains in a second process, one core,
-    while the detector → captioner → memory → DAMSM chain uses the others; the GAN then gets every core."""
+    while the detector → captioner → memory → DAMSM chain uses the others; the GAN then gets the threads back."""
     import os
 
     import torch
@@ -158,7 +158,8 @@ def cmd_demo(args) -> int:
         if pending and cores >= 2 and not args.sequential and cfg.device in ("auto", "cpu"):
             side, log = _side_stage(out, "evaluator", 1)
             echo(f"[cpgan] evaluator  training in a second process on one core (log: {log})")
-            torch.set_num_threads(max(1, min(torch.get_num_threads(), cores - 1)))
+            threads = torch.get_num_threads()
+            torch.set_num_threads(max(1, min(threads, cores - 1)))
         main_chain = [n for n in PIPELINE if n not in ("data", "vocab", "gan", "evaluate")
                       and not (side and n == "evaluator")]
         res.update(run_stages(cfg, out, only=main_chain))
@@ -175,7 +176,7 @@ def cmd_demo(args) -> int:
             res["evaluator"] = {"status": "done", "seconds": side_res.get("seconds")}
             echo(f"[cpgan] evaluator  done in {side_res.get('seconds', 0):.0f} s (second process)")
             side = None
-            torch.set_num_threads(cores)
+            torch.set_num_threads(threads)  # back to what the user had (OMP_NUM_THREADS or torch's default)
         res.update(run_stages(cfg, out, only=["gan", "evaluate"]))
     finally:
         if side is not None and side.poll() is None:
