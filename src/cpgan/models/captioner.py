@@ -174,6 +174,8 @@ class UpDownCaptioner(nn.Module):
             feats = feats - self.feat_center
         m = mask.unsqueeze(-1).to(feats.dtype)
         mean = (feats * m).sum(1) / m.sum(1).clamp_min(1.0)
+        if not self.mean_feature:  # once per sequence, not per step: the attention LSTM sees zeros instead of v̄
+            mean = torch.zeros_like(mean)
         return feats, mask, mean, self.att_feat(feats)
 
     def _attend(self, h1: torch.Tensor, feats: torch.Tensor, mask: torch.Tensor, proj: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -203,7 +205,7 @@ class UpDownCaptioner(nn.Module):
         proj: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
         h1, c1, h2, c2 = state
-        x1 = torch.cat([h2, mean if self.mean_feature else torch.zeros_like(mean), self.embed(tokens)], 1)
+        x1 = torch.cat([h2, mean, self.embed(tokens)], 1)
         h1, c1 = self.att_lstm(x1, (h1, c1))
         alpha, ctx = self._attend(h1, feats, mask, proj)
         h2, c2 = self.lang_lstm(torch.cat([ctx, h1], 1), (h2, c2))

@@ -84,6 +84,14 @@ def _soa_update(acc: SOAAccumulator, det, caption: str) -> None:
     acc.update(named, found, bg, shapes.BACKGROUNDS[det.background] if bg is not None else None)
 
 
+def _r_precision(img_codes: torch.Tensor, sent_codes: torch.Tensor, cls: torch.Tensor, folds: int, seed: int) -> dict:
+    """R-precision, ``dmgan`` protocol, as every metrics table of this stage computes it (same-class negatives
+    masked when every class id is known; up to 99 negatives; a fold per 100 images, at most ``folds``)."""
+    n = img_codes.shape[0]
+    return r_precision_dmgan(img_codes, sent_codes, class_ids=cls if bool((cls >= 0).all()) else None,
+                             n_negatives=min(99, n - 1), folds=max(1, min(folds, n // 100)), seed=seed)
+
+
 class _Metrics:
     """Streaming accumulators for one image set (generated or real) of one split."""
 
@@ -114,11 +122,9 @@ class _Metrics:
     def compute(self, folds: int, seed: int) -> dict:
         ic, sc, cls = torch.cat(self.img_codes), torch.cat(self.sent_codes), torch.cat(self.cls)
         n = ic.shape[0]
-        cls_arg = cls if bool((cls >= 0).all()) else None
         res = {"n_images": n}
         if n >= 2:
-            rp = r_precision_dmgan(ic, sc, class_ids=cls_arg, n_negatives=min(99, n - 1),
-                                   folds=max(1, min(folds, n // 100)), seed=seed)
+            rp = _r_precision(ic, sc, cls, folds, seed)
             res["r_precision_dmgan"], res["r_precision_dmgan_std"] = rp["mean"], rp["std"]
         if n >= 100:
             rb = r_precision_batch(ic, sc, batch=100)
@@ -238,13 +244,10 @@ def evaluate_run(cfg: Config, run_dir: Path, device: torch.device, out_dir: Path
             r["fid"] = 0.0
         if indep is not None and ind_codes["sent"]:
             sc, cls = torch.cat(ind_codes["sent"]), torch.cat(ind_codes["cls"])
-            for key, codes, res in (("gen", ind_codes["gen"], g), ("real", ind_codes["real"], r)):
+            for codes, res in ((ind_codes["gen"], g), (ind_codes["real"], r)):
                 ic = torch.cat(codes)
                 if ic.shape[0] >= 2:
-                    rp = r_precision_dmgan(ic, sc, class_ids=cls if bool((cls >= 0).all()) else None,
-                                           n_negatives=min(99, ic.shape[0] - 1),
-                                           folds=max(1, min(ev.r_precision_folds, ic.shape[0] // 100)), seed=ev.seed)
-                    res["r_precision_dmgan_indep"] = rp["mean"]
+                    res["r_precision_dmgan_indep"] = _r_precision(ic, sc, cls, ev.r_precision_folds, ev.seed)["mean"]
         result["splits"][split] = {"generated": g, "real": r}
         if log:
             log(**{f"{split}_{k}": v for k, v in g.items() if isinstance(v, (int, float))})
