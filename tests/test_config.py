@@ -62,3 +62,21 @@ def test_section_hash_tracks_only_named_keys():
     assert section_hash(a, ["damsm", "data"]) == section_hash(b, ["damsm", "data"])
     assert section_hash(a, ["gan"]) != section_hash(b, ["gan"])
     assert "model.cond_disc" in valid_keys()
+
+
+def test_hash_neutral_option_leaves_the_hash_of_older_configs_unchanged():
+    """A hash-neutral option at its default hashes like a config that predates it; any other value does not."""
+    import dataclasses
+
+    from cpgan.config import hash_of, to_dict
+
+    cfg = Config()
+    assert cfg.captioner.attention == "additive"
+    older = to_dict(cfg)["captioner"]
+    del older["attention"]  # the section as written before the option existed
+    assert section_hash(cfg, ["captioner"]) == hash_of({"captioner": older})
+    set_key(cfg, "captioner.attention", "dot")
+    assert section_hash(cfg, ["captioner"]) != hash_of({"captioner": older})
+    # only options that declare it are left out
+    neutral = [f.name for f in dataclasses.fields(cfg.captioner) if f.metadata.get("hash_neutral")]
+    assert neutral == ["attention"]

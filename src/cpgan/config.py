@@ -29,6 +29,10 @@ class ConfigError(ValueError):
 # --------------------------------------------------------------------------------------------------
 # Sections
 # --------------------------------------------------------------------------------------------------
+HASH_NEUTRAL = {"hash_neutral": True}
+"""Field metadata: the option is left out of stage hashes while it holds its default (see :func:`hash_dict`)."""
+
+
 @dataclass
 class DataConfig:
     """Where the images and captions come from (DESIGN §2, §5)."""
@@ -164,7 +168,7 @@ class CaptionerConfig:
     mean_feature: bool = True
     """Feed the mean region feature v̄ to the attention LSTM (BUTD). False makes attention the only visual path
     (not in BUTD; see :class:`cpgan.models.captioner.UpDownCaptioner`)."""
-    attention: str = "additive"
+    attention: str = field(default="additive", metadata=HASH_NEUTRAL)
     """``additive`` (BUTD) or ``dot`` (scaled dot product; our option, see the captioner module)."""
     max_words: int = 20
     """Training captions are cut to their first ``max_words`` words (release: 20; ruotianluo: 16)."""
@@ -507,6 +511,24 @@ def hash_of(obj: Any) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def hash_dict(obj: Any) -> Any:
+    """``obj`` (a config node) as plain data for hashing: like :func:`to_dict`, but fields declared with
+    ``metadata=HASH_NEUTRAL`` are left out while they hold their default.
+
+    A new option whose default reproduces the old behaviour is declared hash-neutral, so adding it does not
+    invalidate (and re-train) every finished stage of existing run directories; setting it to anything else
+    changes the hash as usual. Never mark an option whose default changes what a stage computes."""
+    if not dataclasses.is_dataclass(obj):
+        return obj
+    out = {}
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        if f.metadata.get("hash_neutral") and f.default is not dataclasses.MISSING and v == f.default:
+            continue
+        out[f.name] = hash_dict(v)
+    return out
+
+
 def section_hash(cfg: Config, keys: list[str]) -> str:
     """Hash of the named sections / dotted keys of ``cfg`` (what a stage's result depends on)."""
-    return hash_of({k: (to_dict(v) if dataclasses.is_dataclass(v := get_key(cfg, k)) else v) for k in keys})
+    return hash_of({k: hash_dict(get_key(cfg, k)) for k in keys})

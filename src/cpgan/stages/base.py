@@ -26,9 +26,8 @@ import json
 
 import torch
 
-import dataclasses
 
-from ..config import Config, dump_yaml, get_key, hash_of, section_hash, to_dict
+from ..config import Config, dump_yaml, get_key, hash_dict, hash_of, section_hash
 from ..utils.checkpoint import atomic_write_json, atomic_write_text
 from ..utils.logging import JsonlLogger, echo
 
@@ -166,8 +165,7 @@ def identity_hash(cfg: Config, name: str, stages: dict[str, Stage], cache: dict[
     ups = {u: stage_hash(cfg, u, stages, cache) for u in st.upstream if u in stages and stages[u].needed(cfg)}
     conf = {}
     for k in st.config_keys:
-        v = get_key(cfg, k)
-        v = to_dict(v) if dataclasses.is_dataclass(v) else v
+        v = hash_dict(get_key(cfg, k))
         if isinstance(v, dict):
             prefix = k + "."
             v = {kk: vv for kk, vv in v.items() if prefix + kk not in st.budget_keys}
