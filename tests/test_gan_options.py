@@ -67,3 +67,10 @@ def test_amp_switch_is_validated_and_resolved():
     assert resolve_amp("auto", cpu) is native_bf16(cpu)
     with pytest.raises(ValueError, match="gan.amp"):
         resolve_amp("fp16", cpu)
+
+
+def test_tiscl_warmup_ramps_linearly():
+    from cpgan.stages.gan import tiscl_weight
+
+    assert [tiscl_weight(10.0, 4, t) for t in range(6)] == [0.0, 2.5, 5.0, 7.5, 10.0, 10.0]
+    assert tiscl_weight(10.0, 0, 0) == 10.0

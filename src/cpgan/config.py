@@ -236,6 +236,10 @@ class GanConfig:
     beta1: float = 0.5
     beta2: float = 0.999
     lambda_tiscl: float = 5.0
+    tiscl_warmup: int = field(default=0, metadata=HASH_NEUTRAL)
+    """Steps over which the TISCL weight ramps linearly from 0 to ``lambda_tiscl`` (0 = the full weight from
+    the first step, as the paper). Not in the paper: lets the adversarial terms shape backgrounds and layout
+    before the DAMSM term pulls colours in."""
     kl_weight: float = 1.0
     ema_decay: float = 0.999
     """EMA of the generator weights used for sampling (0 = off)."""

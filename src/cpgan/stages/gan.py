@@ -106,6 +106,11 @@ def ema_decay_at(decay: float, step: int) -> float:
     return min(decay, (1.0 + step) / (10.0 + step))
 
 
+def tiscl_weight(lam: float, warmup: int, step: int) -> float:
+    """λ of TISCL at (0-based) ``step``: ``lam * min(1, step / warmup)``; ``warmup`` 0 = ``lam`` throughout."""
+    return lam if warmup <= 0 else lam * min(1.0, step / warmup)
+
+
 @torch.no_grad()
 def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     for pe, pm in zip(ema.parameters(), model.parameters()):
@@ -325,14 +330,15 @@ class Trainer:
             g_adv += float(out["loss"].detach())
         kl = kl_loss(mu.float(), logvar.float())
         loss = loss + g.kl_weight * kl
-        if g.lambda_tiscl > 0:
+        lam = tiscl_weight(g.lambda_tiscl, g.tiscl_warmup, self.step)
+        if lam > 0:
             with self.autocast():
                 feats = self.enc.encode_images(fakes[-1])
             cls = batch["class_ids"].to(dev) if bool((batch["class_ids"] >= 0).all()) else None
             t = damsm_loss(feats.regions.float(), feats.global_features.float(), words, sent, lens, class_ids=cls,
                            region_mask=feats.region_mask, gamma1=cfg.damsm.gamma1, gamma2=cfg.damsm.gamma2,
                            gamma3=cfg.damsm.gamma3)
-            loss = loss + g.lambda_tiscl * t["loss"]
+            loss = loss + lam * t["loss"]
             logs["tiscl"] = float(t["loss"].detach())
         self.opt_g.zero_grad(set_to_none=True)
         loss.backward()
