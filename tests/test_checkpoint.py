@@ -61,3 +61,16 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
         load_weights(p)
     with pytest.raises(FileNotFoundError):
         load_weights(tmp_path / "missing.safetensors")
+
+
+def test_check_state_dict_names_the_problem():
+    from cpgan.utils.checkpoint import check_state_dict
+
+    own = {"a.weight": torch.zeros(2, 3), "head.bias": torch.zeros(2)}
+    check_state_dict(own, {"a.weight": torch.ones(2, 3)}, "the net", "hint", optional=("head",))
+    with pytest.raises(ValueError, match=r"weights do not fit the net: 1 keys missing \(e.g. \['head.bias'\]\).*; hint"):
+        check_state_dict(own, {"a.weight": torch.ones(2, 3)}, "the net", "hint")
+    with pytest.raises(ValueError, match=r"unexpected keys \['b'\]"):
+        check_state_dict(own, {**own, "b": torch.zeros(1)}, "the net", "hint")
+    with pytest.raises(ValueError, match=r"'a.weight' has shape \(3, 2\) but the net has \(2, 3\); hint"):
+        check_state_dict(own, {"a.weight": torch.zeros(3, 2), "head.bias": torch.zeros(2)}, "the net", "hint")

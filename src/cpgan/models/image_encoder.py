@@ -50,6 +50,7 @@ from typing import Mapping, NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from ..utils.checkpoint import check_state_dict
 
 __all__ = ["ImageEncoder", "ImageFeatures", "read_state_dict", "INCEPTION_TRUNK"]
 
@@ -344,20 +345,8 @@ class ImageEncoder(nn.Module):
         own = self.state_dict()
         given = {(k[7:] if k.startswith("module.") else k): v for k, v in state_dict.items()}
         given = {k: v for k, v in given.items() if not k.startswith(_TORCHVISION_EXTRAS)}
-        trunk_keys = [k for k in own if not k.startswith(_HEADS)]
-        missing = [k for k in trunk_keys if k not in given]
-        unexpected = [k for k in given if k not in own]
-        if missing or unexpected:
-            raise ValueError(
-                f"weights do not fit the {self.backbone} image encoder: {len(missing)} trunk keys "
-                f"missing (e.g. {missing[:3]}), unexpected keys {unexpected[:3]}"
-            )
-        for key, value in given.items():
-            if tuple(value.shape) != tuple(own[key].shape):
-                raise ValueError(
-                    f"weights key {key!r} has shape {tuple(value.shape)} but the encoder has "
-                    f"{tuple(own[key].shape)}; check out_dim / object_dim / small_width"
-                )
+        check_state_dict(own, given, f"the {self.backbone} image encoder", "check out_dim / object_dim / small_width",
+                         optional=_HEADS)
         to_load = dict(given)
         if (
             "emb_features.weight" in given

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+from ..utils.checkpoint import check_state_dict
 
 __all__ = ["MemoryProjection", "TextEncoder", "gather_memory"]
 
@@ -345,17 +346,6 @@ class TextEncoder(nn.Module):
 def _load_exact(
     module: nn.Module, given: dict[str, Tensor], own: Mapping[str, Tensor], what: str
 ) -> None:
-    missing = sorted(set(own) - set(given))
-    unexpected = sorted(set(given) - set(own))
-    if missing or unexpected:
-        raise ValueError(
-            f"{what} state dict does not match the encoder: missing {missing[:5]}, "
-            f"unexpected {unexpected[:5]}; check memory_dim / the file's origin"
-        )
-    for key, value in given.items():
-        if tuple(value.shape) != tuple(own[key].shape):
-            raise ValueError(
-                f"{what} key {key!r} has shape {tuple(value.shape)} in the file but "
-                f"{tuple(own[key].shape)} in the encoder; check vocab_size / dims"
-            )
+    check_state_dict(dict(own), given, f"the {what} part of the text encoder", "check vocab_size / memory_dim / "
+                     "the file's origin")
     module.load_state_dict(given, strict=False)

@@ -64,6 +64,21 @@ def load_weights(path: str | os.PathLike, device: str | torch.device = "cpu") ->
 # --------------------------------------------------------------------------------------------------
 # Whole training states
 # --------------------------------------------------------------------------------------------------
+def check_state_dict(own: dict[str, torch.Tensor], given: dict[str, torch.Tensor], what: str, hint: str,
+                     optional: tuple[str, ...] = ()) -> None:
+    """Raise a one-line ``ValueError`` unless ``given`` has every key of ``own`` (keys starting with one of the
+    ``optional`` prefixes may be absent), no other key, and ``own``'s shapes; ``hint`` says what to check."""
+    missing = sorted(k for k in own if k not in given and not k.startswith(optional))
+    unexpected = sorted(k for k in given if k not in own)
+    if missing or unexpected:
+        raise ValueError(f"weights do not fit {what}: {len(missing)} keys missing (e.g. {missing[:3]}), "
+                         f"unexpected keys {unexpected[:3]}; {hint}")
+    for key, value in given.items():
+        if tuple(value.shape) != tuple(own[key].shape):
+            raise ValueError(f"weights key {key!r} has shape {tuple(value.shape)} but {what} has "
+                             f"{tuple(own[key].shape)}; {hint}")
+
+
 def _flatten(obj: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
     if isinstance(obj, torch.Tensor):
         key = prefix or "root"
