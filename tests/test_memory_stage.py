@@ -340,3 +340,24 @@ def test_missing_region_store_is_a_clear_error(base, tmp_path):
     shutil.rmtree(run_dir / "detector" / "regions_train")
     with pytest.raises(StageError, match="no region store for split 'train'.*detector"):
         run_stages(base["cfg"], run_dir, only=["memory"], force=True, check_upstream=False)
+
+
+def test_emit_step_ceiling_hand_computed():
+    """Oracle that attends uniformly among the objects the caption so far allows (hand-computed)."""
+    from cpgan.stages.memory import emit_step_ceiling
+
+    objs = [{"colour": "red", "shape": "circle", "size": "small"},
+            {"colour": "red", "shape": "square", "size": "large"},
+            {"colour": "blue", "shape": "circle", "size": "small"}]
+    # size words decide: large -> red square (1, 1); small among {red circle, blue circle}: red 1/2, circle 1;
+    # then blue 1, circle 1
+    one = emit_step_ceiling([{"objects": objs, "captions": ["a large red square and a small red circle and a "
+                                                             "blue circle"]}])
+    assert one["colour"] == pytest.approx((1 + 0.5 + 1) / 3) and one["shape"] == 1.0
+    assert one["all"] == pytest.approx(5.5 / 6)
+    # no size words: red 2/3, circle among red ones 1/2; red among {red square, blue circle} 1/2, square 1; blue 1,
+    # circle 1
+    two = emit_step_ceiling([{"objects": objs, "captions": ["a red ball and a red box and a blue circle"]}])
+    assert two["colour"] == pytest.approx((2 / 3 + 1 / 2 + 1) / 3)
+    assert two["shape"] == pytest.approx((1 / 2 + 1 + 1) / 3)
+    assert emit_step_ceiling([{"objects": [], "captions": ["grass"]}]) == {"colour": None, "shape": None, "all": None}

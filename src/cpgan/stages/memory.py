@@ -39,7 +39,8 @@ Shapes world report (``data.source == "shapes"``):
   (word, image) entries finally kept in the bank; ``salient_on_any_object_rate`` (q_n on any object) and
   ``salient_named_given_object_rate`` vs ``..._chance`` (among records whose q_n is on an object, the share on a
   named one, vs the share of the image's on-object regions that are named) separate "finds objects" from
-  "finds the object the word names";
+  "finds the object the word names"; ``salient_on_object_ceiling`` (:func:`emit_step_ceiling`) is the best rate
+  any captioner can reach at the emitting step, since captions name the objects in a random order;
 * a cosine-similarity table of memories — synonym pairs (ball/circle, box/square, big/large, little/small, ...)
   vs unrelated pairs (circle/star, red/blue, ...) — raw and after subtracting the mean memory of the seen words
   (detector features share a large common component), written to ``memory/similarity.json``.
@@ -55,7 +56,7 @@ import torch
 from ..config import Config
 from ..data import shapes
 from ..data.dataset import SplitData, load_split, load_vocab
-from ..data.text import Vocabulary
+from ..data.text import Vocabulary, tokenize
 from ..models.memory import MemoryBuilder, attention_records, word_region_attention
 from ..utils.checkpoint import atomic_write_json, load_state, save_state, save_weights
 from ..utils.logging import echo, progress
@@ -118,6 +119,43 @@ def on_object(region_boxes: torch.Tensor, word_ids: torch.Tensor, obj_boxes: tor
     inside = (cx >= ob[..., 0]) & (cx <= ob[..., 2]) & (cy >= ob[..., 1]) & (cy <= ob[..., 3])  # (N, R, O)
     inside = inside & (obj_colour >= 0).unsqueeze(1)
     return (inside & match.unsqueeze(1)).any(-1), inside.any(-1)
+
+
+def emit_step_ceiling(records: list[dict]) -> dict[str, float | None]:
+    """Best salient-on-object rate any captioner can reach at the step that *emits* each word (eq. 7's
+    alignment), on shapes-world captions: the word is not read yet, so an oracle can only attend uniformly
+    among the objects that agree with the caption so far (not yet named, and of the size / colour words already
+    read for the current phrase); a word's hit chance is the share of those that it names.
+
+    Captions name objects in a random order, so the first colour word of a two-object caption is a guess
+    (chance 1/2 unless a size word or equal colours decide). Counted on objects, not detected regions.
+    Returns the mean over colour words, shape words and both (None where there are none)."""
+    tot = {"colour": [0.0, 0], "shape": [0.0, 0]}
+    for rec in records:
+        objs = rec.get("objects", [])
+        for cap in rec.get("captions", []):
+            left, pend = list(range(len(objs))), {}
+            for tok in tokenize(cap):
+                if tok in shapes._SIZE_OF:
+                    pend["size"] = shapes._SIZE_OF[tok]
+                    continue
+                kind = "colour" if tok in shapes._COLOUR_OF else "shape" if tok in shapes._SHAPE_OF else None
+                if kind is None or not left:
+                    continue
+                val = (shapes._COLOUR_OF if kind == "colour" else shapes._SHAPE_OF)[tok]
+                cand = [i for i in left if all(objs[i][k] == v for k, v in pend.items())] or left
+                tot[kind][0] += sum(objs[i][kind] == val for i in cand) / len(cand)
+                tot[kind][1] += 1
+                pend[kind] = val
+                if kind == "shape":  # the phrase is complete: that object is named
+                    named = [i for i in left if all(objs[i][k] == v for k, v in pend.items())]
+                    if named:
+                        left.remove(named[0])
+                    pend = {}
+    out: dict[str, float | None] = {k: (h / n if n else None) for k, (h, n) in tot.items()}
+    n_all = tot["colour"][1] + tot["shape"][1]
+    out["all"] = (tot["colour"][0] + tot["shape"][0]) / n_all if n_all else None
+    return out
 
 
 def _pairs(groups: list[list[str]]) -> list[tuple[str, str]]:
@@ -318,6 +356,7 @@ def run(cfg: Config, ctx: StageContext) -> dict:
                      "state_bytes": builder.state_bytes()}
     if report:
         summary.update(_shapes_report(stats, builder, regions, objs, colour_of, shape_of))
+        summary["salient_on_object_ceiling"] = emit_step_ceiling(train.records)
         sim = similarity_table(mem.bank, seen, vocab)
         atomic_write_json(ctx.dir / "similarity.json", sim)
         summary["similarity"] = sim
@@ -327,7 +366,8 @@ def run(cfg: Config, ctx: StageContext) -> dict:
 
         echo(f"[memory] salient region on a named object: colour {fmt('salient_on_object_rate', 'colour')} "
              f"(chance {fmt('salient_on_object_chance', 'colour')}), shape {fmt('salient_on_object_rate', 'shape')} "
-             f"(chance {fmt('salient_on_object_chance', 'shape')}); on any object "
+             f"(chance {fmt('salient_on_object_chance', 'shape')}; emit-step ceiling "
+             f"{fmt('salient_on_object_ceiling', 'colour')} / {fmt('salient_on_object_ceiling', 'shape')}); on any object "
              f"{fmt('salient_on_any_object_rate', 'all')}, named among objects "
              f"{fmt('salient_named_given_object_rate', 'all')} "
              f"(chance {fmt('salient_named_given_object_chance', 'all')})")
