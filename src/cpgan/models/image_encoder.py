@@ -50,6 +50,7 @@ from typing import Mapping, NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
 from ..utils.checkpoint import check_state_dict
 
 __all__ = ["ImageEncoder", "ImageFeatures", "read_state_dict", "INCEPTION_TRUNK"]

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
 from ..utils.checkpoint import check_state_dict
 
 __all__ = ["MemoryProjection", "TextEncoder", "gather_memory"]

@@ -26,7 +26,6 @@ import json
 
 import torch
 
-
 from ..config import Config, dump_yaml, get_key, hash_dict, hash_of, section_hash
 from ..utils.checkpoint import atomic_write_json, atomic_write_text
 from ..utils.logging import JsonlLogger, echo
