@@ -64,7 +64,8 @@ def test_generate_and_unknown_words(plain_run, tmp_path, capsys):
     assert "no known word" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("options", [(), ("gan.amp=bf16", "gan.augment=translation,cutout", "model.d_batch_norm=false")],
+@pytest.mark.parametrize("options", [(), ("gan.amp=bf16", "gan.augment=translation,cutout", "model.d_batch_norm=false",
+                                          "gan.tiscl_augment=translation")],
                          ids=["paper", "bf16-augment-nobn"])
 def test_gan_resume_is_exact(plain_run, tmp_path, monkeypatch, options):
     """N steps, stop (as SIGTERM would), resume to 2N == 2N uninterrupted (weights equal on CPU), also with
@@ -187,6 +188,36 @@ def test_standing_statistics_of_the_ema_generator(plain_run, tmp_path):
     for k, v in G.state_dict().items():
         if k in params:
             assert torch.equal(v, params[k]), k
+
+
+def test_tiscl_sees_the_augmented_generated_image(plain_run, tmp_path, monkeypatch):
+    """gan.tiscl_augment: the DAMSM image encoder in TISCL gets the final-stage fake after the policy's transform."""
+    from cpgan.stages.base import StageContext
+    from cpgan.utils.logging import JsonlLogger
+
+    run_dir, _ = plain_run
+    d = tmp_path / "t"
+    shutil.copytree(run_dir, d)
+    cfg = _cfg(*PLAIN, "gan.tiscl_augment=translation")
+    ctx = StageContext(run_dir=d, stage="gan", device=torch.device("cpu"), logger=JsonlLogger(tmp_path / "l.jsonl"))
+    tr = gan_stage.Trainer(cfg, ctx)
+    calls, seen = [], []
+    real_augment = gan_stage.augment
+
+    def spy_augment(x, policy, gen=None):
+        y = real_augment(x, policy, gen)
+        calls.append((policy, x, y))
+        return y
+
+    real_encode = tr.enc.encode_images
+    monkeypatch.setattr(gan_stage, "augment", spy_augment)
+    monkeypatch.setattr(tr.enc, "encode_images", lambda x: (seen.append(x), real_encode(x))[1])
+    batch = next(iter(gan_stage.make_loader(tr.ds, 4, seed=0, start_step=0, num_workers=0, rank=0, world=1)))
+    tr.train_step(batch)
+    tiscl = [c for c in calls if c[0] == ("translation",)]
+    assert len(tiscl) == 1 and len(seen) == 1 and seen[0] is tiscl[0][2]
+    x, y = tiscl[0][1], tiscl[0][2]
+    assert x.shape[-1] == max(tr.sizes) and not torch.equal(x, y)
 
 
 def test_independent_damsm_r_precision(plain_run, tmp_path):

@@ -259,6 +259,10 @@ class GanConfig:
     (DiffAugment, Zhao et al. 2020; not in the paper): comma-separated of ``translation`` (shift by up to 1/8 of
     the size, zero padding) and ``cutout`` (one zeroed square of half the size). Colour jitter is not offered:
     the captions name colours. Empty = off (the paper)."""
+    tiscl_augment: str = field(default="", metadata=HASH_NEUTRAL)
+    """DiffAugment policy (as ``augment``) applied to the generated image before the DAMSM image encoder in
+    TISCL — an expectation over transformations, so G cannot please the encoder with pixel-exact patterns.
+    Empty = off (the paper)."""
     checkpoint_every: int = 200
     sample_every: int = 200
     log_every: int = 20

@@ -186,6 +186,7 @@ class Trainer:
         self.Gw, self.Dw = self.G, list(self.Ds)
         self.step, self.spent, self.history = 0, 0.0, []
         self.augment = parse_policy(g.augment)
+        self.tiscl_augment = parse_policy(g.tiscl_augment)
         self.amp = resolve_amp(g.amp, self.device)
         if g.amp == "auto":
             echo(f"[gan] gan.amp=auto: {'bfloat16 autocast' if self.amp else 'float32'} on this "
@@ -333,7 +334,7 @@ class Trainer:
         lam = tiscl_weight(g.lambda_tiscl, g.tiscl_warmup, self.step)
         if lam > 0:
             with self.autocast():
-                feats = self.enc.encode_images(fakes[-1])
+                feats = self.enc.encode_images(augment(fakes[-1], self.tiscl_augment, gen))
             cls = batch["class_ids"].to(dev) if bool((batch["class_ids"] >= 0).all()) else None
             t = damsm_loss(feats.regions.float(), feats.global_features.float(), words, sent, lens, class_ids=cls,
                            region_mask=feats.region_mask, gamma1=cfg.damsm.gamma1, gamma2=cfg.damsm.gamma2,
