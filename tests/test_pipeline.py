@@ -151,18 +151,21 @@ def test_demo_trains_the_evaluator_in_a_second_process(tmp_path, monkeypatch, ca
     assert "second process" not in capsys.readouterr().err
 
 
-def test_standing_statistics_of_the_ema_generator(plain_run, tmp_path):
-    """Before sampling, every BN layer of the EMA generator holds the plain average of its per-batch input
-    moments over `gan.standing_batches` batches (checked with hooks), and training is unaffected."""
+def _trainer(plain_run, tmp_path, *options):
+    """A GAN Trainer (plain encoders, ``options``) on a copy of the tiny plain run."""
     from cpgan.stages.base import StageContext
     from cpgan.utils.logging import JsonlLogger
 
-    run_dir, _ = plain_run
-    d = tmp_path / "s"
-    shutil.copytree(run_dir, d)
-    cfg = _cfg(*PLAIN, "gan.standing_batches=3")
+    d = tmp_path / "run"
+    shutil.copytree(plain_run[0], d)
     ctx = StageContext(run_dir=d, stage="gan", device=torch.device("cpu"), logger=JsonlLogger(tmp_path / "l.jsonl"))
-    tr = gan_stage.Trainer(cfg, ctx)
+    return gan_stage.Trainer(_cfg(*PLAIN, *options), ctx)
+
+
+def test_standing_statistics_of_the_ema_generator(plain_run, tmp_path):
+    """Before sampling, every BN layer of the EMA generator holds the plain average of its per-batch input
+    moments over `gan.standing_batches` batches (checked with hooks), and training is unaffected."""
+    tr = _trainer(plain_run, tmp_path, "gan.standing_batches=3")
     bns = [m for m in tr.G_ema.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     seen = {id(m): [] for m in bns}
 
@@ -192,15 +195,7 @@ def test_standing_statistics_of_the_ema_generator(plain_run, tmp_path):
 
 def test_tiscl_sees_the_augmented_generated_image(plain_run, tmp_path, monkeypatch):
     """gan.tiscl_augment: the DAMSM image encoder in TISCL gets the final-stage fake after the policy's transform."""
-    from cpgan.stages.base import StageContext
-    from cpgan.utils.logging import JsonlLogger
-
-    run_dir, _ = plain_run
-    d = tmp_path / "t"
-    shutil.copytree(run_dir, d)
-    cfg = _cfg(*PLAIN, "gan.tiscl_augment=translation")
-    ctx = StageContext(run_dir=d, stage="gan", device=torch.device("cpu"), logger=JsonlLogger(tmp_path / "l.jsonl"))
-    tr = gan_stage.Trainer(cfg, ctx)
+    tr = _trainer(plain_run, tmp_path, "gan.tiscl_augment=translation")
     calls, seen = [], []
     real_augment = gan_stage.augment
 
