@@ -19,12 +19,12 @@ from torch import Tensor
 POLICIES = ("translation", "cutout")
 
 
-def parse_policy(text: str) -> tuple[str, ...]:
+def parse_policy(text: str, key: str = "gan.augment") -> tuple[str, ...]:
     """``"translation,cutout"`` -> ``("translation", "cutout")``; unknown names are a clear error."""
     names = tuple(t.strip() for t in text.split(",") if t.strip())
     bad = [n for n in names if n not in POLICIES]
     if bad:
-        raise ValueError(f"gan.augment: unknown augmentation {', '.join(bad)}; choose from {', '.join(POLICIES)}")
+        raise ValueError(f"{key}: unknown augmentation {', '.join(bad)}; choose from {', '.join(POLICIES)}")
     return names
 
 

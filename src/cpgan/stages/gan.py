@@ -186,7 +186,7 @@ class Trainer:
         self.Gw, self.Dw = self.G, list(self.Ds)
         self.step, self.spent, self.history = 0, 0.0, []
         self.augment = parse_policy(g.augment)
-        self.tiscl_augment = parse_policy(g.tiscl_augment)
+        self.tiscl_augment = parse_policy(g.tiscl_augment, "gan.tiscl_augment")
         self.amp = resolve_amp(g.amp, self.device)
         if g.amp == "auto":
             echo(f"[gan] gan.amp=auto: {'bfloat16 autocast' if self.amp else 'float32'} on this "
