@@ -290,10 +290,8 @@ class StageCache:
                 link_stage(self.ensure(cfg, u) / u, cdir / u)
         # Another worker on the same OUT may be training this stage: wait for it, then reuse its result.
         lock = cdir.with_name(cdir.name + ".lock")
-        with file_lock(lock, blocking=False) as free:
-            if not free:
-                echo(f"[ablate] shared stage {name}: another worker is training it in {cdir}; waiting")
-        with file_lock(lock):
+        with file_lock(lock, on_wait=lambda: echo(
+                f"[ablate] shared stage {name}: another worker is training it in {cdir}; waiting")):
             done = stage_status(cdir, name)
             if done and done.get("hash") == h:
                 return cdir

@@ -62,6 +62,9 @@ __all__ = [
     "SIZES",
     "BACKGROUNDS",
     "COLOUR_RGB",
+    "COLOUR_OF",
+    "SHAPE_OF",
+    "SIZE_OF",
     "NOVEL_PAIRS",
     "SPLITS",
     "MAX_CAPTION_TOKENS",
@@ -153,10 +156,11 @@ _REL_WORDS: dict[str, list[str]] = {
 }
 _REL_INVERSE = {"above": "below", "below": "above", "left": "right", "right": "left", "next": "next"}
 
-# Reverse maps for parsing (single tokens; "medium sized" / "mid sized" parse via "medium" / "mid").
-_SHAPE_OF = {w: s for s, ws in SHAPE_WORDS.items() for w in ws}
-_COLOUR_OF = {w: c for c, ws in COLOUR_WORDS.items() for w in ws}
-_SIZE_OF = {"small": "small", "little": "small", "tiny": "small", "medium": "medium", "mid": "medium",
+# Reverse maps for parsing, word -> canonical name (single tokens; "medium sized" / "mid sized" parse via
+# "medium" / "mid"). Public: the memory report uses them to find the object a word names.
+SHAPE_OF = {w: s for s, ws in SHAPE_WORDS.items() for w in ws}
+COLOUR_OF = {w: c for c, ws in COLOUR_WORDS.items() for w in ws}
+SIZE_OF = {"small": "small", "little": "small", "tiny": "small", "medium": "medium", "mid": "medium",
             "large": "large", "big": "large", "huge": "large"}
 _BACKGROUND_OF = {w: b for b, ws in BACKGROUND_WORDS.items() for w in ws}
 
@@ -708,16 +712,16 @@ def parse_caption(text: str) -> list[dict[str, str | None]]:
         pending = {"colour": None, "shape": None, "size": None}
 
     for tok in tokenize(text):
-        if tok in _COLOUR_OF:
+        if tok in COLOUR_OF:
             if pending["colour"] is not None:
                 flush()
-            pending["colour"] = _COLOUR_OF[tok]
-        elif tok in _SIZE_OF:
+            pending["colour"] = COLOUR_OF[tok]
+        elif tok in SIZE_OF:
             if pending["size"] is not None:
                 flush()
-            pending["size"] = _SIZE_OF[tok]
-        elif tok in _SHAPE_OF:
-            pending["shape"] = _SHAPE_OF[tok]
+            pending["size"] = SIZE_OF[tok]
+        elif tok in SHAPE_OF:
+            pending["shape"] = SHAPE_OF[tok]
             flush()
     flush()
     return objs

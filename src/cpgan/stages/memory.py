@@ -136,13 +136,13 @@ def emit_step_ceiling(records: list[dict]) -> dict[str, float | None]:
         for cap in rec.get("captions", []):
             left, pend = list(range(len(objs))), {}
             for tok in tokenize(cap):
-                if tok in shapes._SIZE_OF:
-                    pend["size"] = shapes._SIZE_OF[tok]
+                if tok in shapes.SIZE_OF:
+                    pend["size"] = shapes.SIZE_OF[tok]
                     continue
-                kind = "colour" if tok in shapes._COLOUR_OF else "shape" if tok in shapes._SHAPE_OF else None
+                kind = "colour" if tok in shapes.COLOUR_OF else "shape" if tok in shapes.SHAPE_OF else None
                 if kind is None or not left:
                     continue
-                val = (shapes._COLOUR_OF if kind == "colour" else shapes._SHAPE_OF)[tok]
+                val = (shapes.COLOUR_OF if kind == "colour" else shapes.SHAPE_OF)[tok]
                 cand = [i for i in left if all(objs[i][k] == v for k, v in pend.items())] or left
                 tot[kind][0] += sum(objs[i][kind] == val for i in cand) / len(cand)
                 tot[kind][1] += 1
