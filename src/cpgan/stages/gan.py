@@ -106,6 +106,12 @@ def ema_decay_at(decay: float, step: int) -> float:
     return min(decay, (1.0 + step) / (10.0 + step))
 
 
+def _grad_norm(loss: torch.Tensor, x: torch.Tensor) -> float:
+    """||d loss / d x|| (float32), keeping the graph for the real backward pass."""
+    (gx,) = torch.autograd.grad(loss, x, retain_graph=True)
+    return float(gx.float().norm())
+
+
 def tiscl_weight(lam: float, warmup: int, step: int) -> float:
     """λ of TISCL at (0-based) ``step``: ``lam * min(1, step / warmup)``; ``warmup`` 0 = ``lam`` throughout."""
     return lam if warmup <= 0 else lam * min(1.0, step / warmup)
@@ -283,7 +289,13 @@ class Trainer:
             words, sent = self.enc.encode_text(caps, lens)
         return words.detach(), sent.detach(), padding_mask(caps)
 
-    def train_step(self, batch: dict) -> dict:
+    def train_step(self, batch: dict, diagnose: bool = False) -> dict:
+        """One D update per stage, then one G update; returns the scalar logs.
+
+        With ``diagnose`` the logs also hold ``gx_adv{i}`` (norm of the gradient of stage i's adversarial G
+        loss with respect to that stage's image) and ``gx_tiscl`` (the same for λ·TISCL at the last stage):
+        the balance between the discriminators' signal and TISCL's, measured where they meet (the optimiser
+        update itself is unchanged)."""
         cfg, g, dev = self.cfg, self.cfg.gan, self.device
         reals = [x.to(dev) for x in batch["images"]]
         caps, lens = batch["captions"].to(dev), batch["lengths"].to(dev)
@@ -329,6 +341,8 @@ class Trainer:
             out = g_hinge_loss(*(x.float() for x in logits))
             loss = loss + out["loss"]
             g_adv += float(out["loss"].detach())
+            if diagnose:
+                logs[f"gx_adv{i}"] = _grad_norm(out["loss"], fakes[i])
         kl = kl_loss(mu.float(), logvar.float())
         loss = loss + g.kl_weight * kl
         lam = tiscl_weight(g.lambda_tiscl, g.tiscl_warmup, self.step)
@@ -341,6 +355,8 @@ class Trainer:
                            gamma3=cfg.damsm.gamma3)
             loss = loss + lam * t["loss"]
             logs["tiscl"] = float(t["loss"].detach())
+            if diagnose:
+                logs["gx_tiscl"] = _grad_norm(lam * t["loss"], fakes[-1])
         self.opt_g.zero_grad(set_to_none=True)
         loss.backward()
         dist.average_gradients(self.G, self.info)
@@ -415,14 +431,17 @@ class Trainer:
             if batch.get("size", 0) < 2:
                 self.step += 1
                 continue
-            logs = self.train_step(batch)
+            # the last step of each logging window also measures the gradient balance (train_step's docstring)
+            logs = self.train_step(batch, diagnose=(self.step + 1) % g.log_every == 0)
             self.step += 1
             bar.update(1)
+            diag = {k: logs.pop(k) for k in list(logs) if k.startswith("gx_")}
             for k, v in logs.items():
                 sums[k] = sums.get(k, 0.0) + v
             n += 1
             if self.step % g.log_every == 0:
                 rec = {k: v / n for k, v in sums.items()}
+                rec.update(diag)
                 rec.update(minutes=deadline.elapsed / 60, skipped_images=skipped)
                 if self.info.is_main:
                     self.ctx.log(self.step, **rec)
