@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cpgan.report import _fmt, curve_keys, metric_tables, plot_curves, write_report
+from cpgan.report import _fmt, curve_keys, gradient_keys, metric_tables, plot_curves, write_report
 from cpgan.stages.base import PIPELINE
 
 
@@ -232,9 +232,11 @@ def test_curve_keys_and_plot():
     recs = [{"time": 1.0, "step": i, "epoch": 0, "lr": 1e-3, "minutes": 0.1, "d_loss": 1.0, "g_loss": 2.0,
              "r_precision": 0.5, "r_precision_std": 0.1, "fid": 30.0, "soa_c": 0.2, "eval_colour_acc": 0.3,
              "eval_minutes": 2.0, "words": 40, "flag": True} for i in range(3)]
+    recs[1].update(gx_adv0=0.2, gx_tiscl=9.0)  # the GAN's gradient balance, logged on some records only
     loss, evals = curve_keys(recs)
     assert loss == ["d_loss", "g_loss"]
     assert evals == ["r_precision", "fid", "soa_c", "eval_colour_acc"]
+    assert gradient_keys(recs) == ["gx_adv0", "gx_tiscl"]
     assert plot_curves(recs[:1], ["d_loss"], "one point") is None  # a single point is not a curve
     one = Image.open(io.BytesIO(plot_curves(recs, ["d_loss"], "t")))
     four = Image.open(io.BytesIO(plot_curves(recs, ["d_loss", "g_loss", "fid", "soa_c"], "t")))

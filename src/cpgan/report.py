@@ -10,7 +10,8 @@ running or half-run directory; a stage that has not run says "not run yet":
 * per-stage status and time from each ``done.json``;
 * training curves from each ``metrics.jsonl``: every numeric key whose name contains ``loss``, and separately
   the evaluation curves (R-precision, SOA, accuracies, FID, IS, ``eval_*`` keys), drawn with matplotlib's Agg
-  canvas directly (no pyplot, so no global backend is changed);
+  canvas directly (no pyplot, so no global backend is changed); for the GAN also the gradient balance
+  (``gx_*`` keys: gradient norms of the adversarial and TISCL terms at the stage images);
 * the resolved ``config.yaml`` and the versions of python, torch, torchvision, numpy and cpgan.
 """
 from __future__ import annotations
@@ -32,7 +33,7 @@ from .stages.base import PIPELINE
 from .utils.checkpoint import atomic_write_text
 from .utils.logging import read_jsonl
 
-__all__ = ["write_report", "build_report", "metric_tables", "curve_keys", "plot_curves", "versions",
+__all__ = ["write_report", "build_report", "metric_tables", "curve_keys", "gradient_keys", "plot_curves", "versions",
            "add_report_command"]
 
 SET_NAMES = ("generated", "real", "fake", "ceiling")
@@ -245,6 +246,16 @@ def curve_keys(records: list[dict]) -> tuple[list[str], list[str]]:
         if toks & _EVAL_TOKENS or "r_precision" in k or k.lower().startswith("eval_"):
             evals.append(k)
     return loss, evals
+
+
+def gradient_keys(records: list[dict]) -> list[str]:
+    """The GAN's gradient-balance keys (``gx_*``, see ``Trainer.train_step``) in order of first appearance."""
+    seen: dict[str, None] = {}
+    for r in records:
+        for k, v in r.items():
+            if k.startswith("gx_") and _is_num(v):
+                seen.setdefault(k, None)
+    return list(seen)
 
 
 def _series(records: list[dict], key: str) -> tuple[list[float], list[float], list[float] | None, str]:
@@ -461,7 +472,9 @@ def build_report(run_dir: str | Path, max_samples: int = 4, max_other: int = 12)
             continue
         loss_keys, eval_keys = curve_keys(records)
         drew = False
-        for keys, title, smooth in ((loss_keys, f"{n}: losses", True), (eval_keys, f"{n}: evaluation", False)):
+        groups = ((loss_keys, f"{n}: losses", True), (eval_keys, f"{n}: evaluation", False),
+                  (gradient_keys(records), f"{n}: gradient norm at the stage images", True))
+        for keys, title, smooth in groups:
             png = plot_curves(records, keys, title, smooth=smooth) if keys else None
             if png is not None:
                 drew = True
