@@ -81,8 +81,8 @@ def test_gan_resume_is_exact(plain_run, tmp_path, monkeypatch, options):
 
     original = gan_stage.Trainer.train_step
 
-    def stopping_step(self, batch):
-        out = original(self, batch)
+    def stopping_step(self, batch, **kw):
+        out = original(self, batch, **kw)
         if self.step + 1 == 3:  # the step counter is incremented after train_step returns
             self.ctx._stop[0] = True
         return out
