@@ -224,17 +224,23 @@ def _tokens(key: str) -> set[str]:
     return set(re.split(r"[^a-z0-9]+", key.lower())) - {""}
 
 
+def _numeric_keys(records: list[dict]) -> list[str]:
+    """Keys with a numeric value in any record, in order of first appearance."""
+    seen: dict[str, None] = {}
+    for r in records:
+        for k, v in r.items():
+            if k not in seen and _is_num(v):
+                seen[k] = None
+    return list(seen)
+
+
 def curve_keys(records: list[dict]) -> tuple[list[str], list[str]]:
     """``(loss_keys, eval_keys)`` of a metrics.jsonl in order of first appearance.
 
     Loss: numeric keys whose name contains ``loss``. Evaluation: numeric keys naming R-precision, SOA,
     an accuracy, FID, IS (or any ``eval_*`` key), except ``*_std`` (drawn as a band) and times.
     """
-    seen: dict[str, None] = {}
-    for r in records:
-        for k, v in r.items():
-            if k not in seen and _is_num(v) and k not in _NOT_CURVES:
-                seen[k] = None
+    seen = [k for k in _numeric_keys(records) if k not in _NOT_CURVES]
     loss = [k for k in seen if "loss" in k.lower()]
     evals = []
     for k in seen:
@@ -250,12 +256,7 @@ def curve_keys(records: list[dict]) -> tuple[list[str], list[str]]:
 
 def gradient_keys(records: list[dict]) -> list[str]:
     """The GAN's gradient-balance keys (``gx_*``, see ``Trainer.train_step``) in order of first appearance."""
-    seen: dict[str, None] = {}
-    for r in records:
-        for k, v in r.items():
-            if k.startswith("gx_") and _is_num(v):
-                seen.setdefault(k, None)
-    return list(seen)
+    return [k for k in _numeric_keys(records) if k.startswith("gx_")]
 
 
 def _series(records: list[dict], key: str) -> tuple[list[float], list[float], list[float] | None, str]:
