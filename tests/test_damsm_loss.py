@@ -246,3 +246,64 @@ def test_bad_inputs_raise_clear_errors():
         damsm_loss(regions, glob, words, sent, lengths, class_ids=[1, 2])
     with pytest.raises(ValueError, match="batch size"):
         damsm_loss(regions[:4], glob, words, sent, lengths)
+
+
+def test_hard_negatives_extend_the_image_to_caption_softmax():
+    """Loop reference: row i of the image->caption softmax gets image i's own K hard-negative captions."""
+    from cpgan.losses import HardNegatives
+
+    regions, glob, words, sent, lengths, class_ids, region_mask = _inputs()
+    B, d, T = words.shape
+    K = 2
+    g = torch.Generator().manual_seed(5)
+    h_words = torch.randn(K, B, d, T, generator=g, dtype=torch.float64)
+    h_sent = torch.randn(K, B, d, generator=g, dtype=torch.float64)
+    h_len = torch.tensor([[2, 7, 1, 4, 3], [3, 5, 1, 5, 4]])
+    h_valid = torch.tensor([[True, False, True, True, True], [True, True, True, False, True]])
+    g1, g2, g3 = 4.0, 5.0, 10.0
+    leaves_v = [t.clone().requires_grad_(True) for t in (regions, glob, words, sent, h_words, h_sent)]
+    out = damsm_loss(*leaves_v[:4], lengths, class_ids=class_ids, region_mask=region_mask,
+                     gamma1=g1, gamma2=g2, gamma3=g3,
+                     hard=HardNegatives(leaves_v[4], leaves_v[5], h_len, h_valid))
+    plain = damsm_loss(*leaves_v[:4], lengths, class_ids=class_ids, region_mask=region_mask,
+                       gamma1=g1, gamma2=g2, gamma3=g3)
+
+    leaves_r = [t.clone().requires_grad_(True) for t in (regions, glob, words, sent, h_words, h_sent)]
+    ref = _loop_damsm(*leaves_r[:4], lengths, class_ids, region_mask, g1, g2, g3)
+    w_rows, s_rows = [], []
+    for i in range(B):
+        valid = [j for j in range(regions.shape[2]) if bool(region_mask[i, j])]
+        w_row = [None if (c != i and class_ids[c] == class_ids[i]) else g3 * ref["word_s"][i][c] for c in range(B)]
+        s_row = [None if (c != i and class_ids[c] == class_ids[i]) else g3 * _cos(leaves_r[1][i], leaves_r[3][c])
+                 for c in range(B)]
+        for k in range(K):
+            if bool(h_valid[k, i]):
+                score, _ = _loop_word_score(leaves_r[0][i], leaves_r[4][k, i], int(h_len[k, i]), valid, g1, g2)
+                w_row.append(g3 * score)
+                s_row.append(g3 * _cos(leaves_r[1][i], leaves_r[5][k, i]))
+        w_rows.append(w_row)
+        s_rows.append(s_row)
+    w0, s0 = _loop_ce(w_rows), _loop_ce(s_rows)
+    torch.testing.assert_close(out["w_loss0"], w0, rtol=1e-5, atol=0)
+    torch.testing.assert_close(out["s_loss0"], s0, rtol=1e-5, atol=0)
+    # the caption->image direction is untouched, and hard negatives only add to the image->caption loss
+    torch.testing.assert_close(out["w_loss1"], ref["w_loss1"], rtol=1e-5, atol=0)
+    torch.testing.assert_close(out["s_loss1"], ref["s_loss1"], rtol=1e-5, atol=0)
+    assert out["w_loss0"] > plain["w_loss0"] and out["s_loss0"] > plain["s_loss0"]
+    total_ref = w0 + s0 + ref["w_loss1"] + ref["s_loss1"]
+    grads_v = torch.autograd.grad(out["loss"], leaves_v)
+    grads_r = torch.autograd.grad(total_ref, leaves_r, allow_unused=True)
+    for gv, gr, t in zip(grads_v, grads_r, leaves_r):
+        gr = torch.zeros_like(t) if gr is None else gr
+        torch.testing.assert_close(gv, gr, rtol=1e-5, atol=1e-10)
+    # an invalid hard negative gets no gradient at all
+    assert torch.all(grads_v[4][0, 1] == 0) and torch.all(grads_v[5][1, 3] == 0)
+
+
+def test_hard_negatives_bad_shapes_raise():
+    from cpgan.losses import HardNegatives
+
+    regions, glob, words, sent, lengths, _, _ = _inputs()
+    bad = HardNegatives(words[None, :3], sent[None, :3], lengths[None, :3], torch.ones(1, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="hard negatives must be"):
+        damsm_loss(regions, glob, words, sent, lengths, hard=bad)

@@ -270,3 +270,38 @@ def test_gradient_balance_diagnostics(plain_run, tmp_path, monkeypatch, zero_adv
         for i in range(n):
             assert logs[f"gx_adv{i}"] > 0 and logs[f"gx_adv{i}"] == pytest.approx(actual[i], rel=1e-4)
     assert not any(k.startswith("gx_") for k in tr.train_step(batch))  # only on request
+
+
+@pytest.mark.parametrize("lam", [1e4, 1e-6])
+def test_tiscl_balance_caps_lambda(plain_run, tmp_path, lam):
+    """gan.tiscl_balance b: λ·TISCL's gradient at the last image is b times the adversarial one when λ is large
+    (the cap binds), and λ is left alone when it is small."""
+    b = 2.5
+    tr = _trainer(plain_run, tmp_path, f"gan.lambda_tiscl={lam}", f"gan.tiscl_balance={b}", "gan.amp=")
+    batch = next(iter(gan_stage.make_loader(tr.ds, 4, seed=0, start_step=0, num_workers=0, rank=0, world=1)))
+    logs = tr.train_step(batch, diagnose=True)
+    last = len(tr.sizes) - 1
+    if lam > 1:
+        assert logs["lambda_tiscl"] < lam
+        assert logs["gx_tiscl"] == pytest.approx(b * logs[f"gx_adv{last}"], rel=1e-4)
+    else:
+        assert logs["lambda_tiscl"] == lam
+        assert logs["gx_tiscl"] < b * logs[f"gx_adv{last}"]
+    assert gan_stage.balanced_weight(10.0, 2.0, 1.0, 4.0) == 0.5
+    assert gan_stage.balanced_weight(10.0, 2.0, 1.0, 0.0) == 10.0
+
+
+def test_tiscl_hard_negatives_add_to_the_loss(plain_run, tmp_path):
+    """gan.tiscl_hard_negatives: the same first step (same fakes) has a larger TISCL with the swapped captions in
+    each image's softmax; the DAMSM summary reports how often real images prefer their caption to a swap."""
+    batch = next(iter(gan_stage.make_loader(_trainer(plain_run, tmp_path / "a").ds, 4, seed=0, start_step=0,
+                                            num_workers=0, rank=0, world=1)))
+    base = _trainer(plain_run, tmp_path / "b").train_step(batch)["tiscl"]
+    hard = _trainer(plain_run, tmp_path / "c", "gan.tiscl_hard_negatives=shape,colour").train_step(batch)["tiscl"]
+    assert hard > base
+    with pytest.raises(ValueError, match="gan.tiscl_hard_negatives: unknown kind"):
+        _trainer(plain_run, tmp_path / "d", "gan.tiscl_hard_negatives=size")
+    summary = plain_run[1]["damsm"]
+    for kind in ("shape", "colour"):
+        for level in ("word", "sentence"):
+            assert 0.0 <= summary[f"swap_{kind}_{level}"] <= 1.0

@@ -222,6 +222,11 @@ class DamsmConfig:
     """Optional AttnGAN ``text_encoder*.pth`` to start from / use frozen."""
     image_weights: str = ""
     """Optional AttnGAN ``image_encoder*.pth`` to start from / use frozen."""
+    hard_negatives: str = field(default="", metadata=HASH_NEUTRAL)
+    """Word-swap hard negatives in training (not in the paper; ``cpgan.negatives``): comma-separated of
+    ``shape`` and ``colour``; each image's caption with one shape (colour) word swapped for another class joins
+    that image's image->caption softmax, so the encoders must tell the named shapes apart. Shapes world only.
+    Empty = off (AttnGAN)."""
 
 
 @dataclass
@@ -263,6 +268,15 @@ class GanConfig:
     """DiffAugment policy (as ``augment``) applied to the generated image before the DAMSM image encoder in
     TISCL — an expectation over transformations, so G cannot please the encoder with pixel-exact patterns.
     Empty = off (the paper)."""
+    tiscl_hard_negatives: str = field(default="", metadata=HASH_NEUTRAL)
+    """Word-swap hard negatives in TISCL (as ``damsm.hard_negatives``; not in the paper): the generated image
+    must match its caption better than the caption with one shape (colour) word swapped. Empty = off."""
+    tiscl_balance: float = field(default=0.0, metadata=HASH_NEUTRAL)
+    """Adaptive TISCL weight (not in the paper; after the adaptive GAN weight of Esser et al. 2021): > 0 caps λ at
+    every step so that the norm of λ·TISCL's gradient at the last stage image is at most this many times that
+    of the last discriminator's adversarial loss (two extra partial backward passes, through D and the DAMSM
+    image encoder, not through G). 0 = a fixed λ (the paper). With a fixed λ 10 on ``shapes-quick`` the ratio
+    is ~70, and the last stage draws what fools the DAMSM rather than what D calls real."""
     checkpoint_every: int = 200
     sample_every: int = 200
     log_every: int = 20

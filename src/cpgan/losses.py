@@ -31,7 +31,7 @@ through the image encoder into the generator.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +45,7 @@ __all__ = [
     "class_negative_mask",
     "batch_matching_losses",
     "damsm_loss",
+    "HardNegatives",
 ]
 
 ClassIds = Tensor | Sequence[int] | None
@@ -94,6 +95,7 @@ def word_level_scores(
     gamma2: float = 5.0,
     paper_word_score: bool = False,
     eps: float = 1e-8,
+    paired: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """DAMSM image-caption word-level score for every (image, caption) pair.
 
@@ -109,9 +111,11 @@ def word_level_scores(
         paper_word_score: ``False`` (default) = AttnGAN code ``log sum exp(gamma2 R)``; ``True`` =
             the paper's ``(1/gamma2) log sum exp(gamma2 R)``.
         eps: lower clamp of the cosine denominators (AttnGAN 1e-8).
+        paired: score only image ``b`` with caption ``b`` (``Bi == Bc``), e.g. hard negatives.
 
     Returns:
-        ``scores`` ``(Bi, Bc)`` and ``attn`` ``(Bi, Bc, T, R)`` (zero rows at padding words).
+        ``scores`` ``(Bi, Bc)`` and ``attn`` ``(Bi, Bc, T, R)`` (zero rows at padding words); with ``paired``
+        ``(B, 1)`` and ``(B, 1, T, R)``.
     """
     if regions.dim() == 4:
         regions = regions.flatten(2)
@@ -121,6 +125,8 @@ def word_level_scores(
             f"{tuple(words.shape)} and {tuple(regions.shape)}"
         )
     lengths = _check_lengths(lengths, words.shape[0], words.shape[2])
+    if paired and regions.shape[0] != words.shape[0]:
+        raise ValueError(f"paired scores need as many images as captions, got {regions.shape[0]} and {words.shape[0]}")
     if region_mask is not None:
         region_mask = region_mask.to(device=regions.device, dtype=torch.bool)
         if region_mask.shape == (regions.shape[0], regions.shape[2]) and not bool(region_mask.any(1).all()):
@@ -133,9 +139,16 @@ def word_level_scores(
     words = words.masked_fill(~word_mask.unsqueeze(1), 0.0)
     regions = regions.flatten(2) if regions.dim() == 4 else regions
     # Word-region similarities s[i, c, t, r] = e_ct . v_ir (one GEMM) and the attention alpha over regions.
-    sim = torch.einsum("cdt,idr->ictr", words, regions)  # (Bi, Bc, T, R)
+    if paired:  # pair b = (image b, caption b): a (B, 1, ...) layout, masks broadcast per pair
+        sim = torch.einsum("bdt,bdr->btr", words, regions).unsqueeze(1)  # (B, 1, T, R)
+        pair_words = word_mask[:, None, :]  # (Bi, Bc', T) view of the word mask
+        word_norms = words.norm(dim=1).unsqueeze(1)
+    else:
+        sim = torch.einsum("cdt,idr->ictr", words, regions)  # (Bi, Bc, T, R)
+        pair_words = word_mask.unsqueeze(0)
+        word_norms = words.norm(dim=1).unsqueeze(0)
     attn = attention_from_scores(
-        sim, gamma1, word_mask[None, :, :, None],
+        sim, gamma1, pair_words[..., None],
         None if region_mask is None else region_mask[:, None, None, :])
     # R(c_t, e_t) = cos(c_t, e_t) with the region context c_t = sum_r alpha_r v_r (AttnGAN ``cosine_similarity``,
     # product of norms clamped at eps), computed without materialising c (Bi x Bc x T x d):
@@ -145,10 +158,10 @@ def word_level_scores(
     bi, bc, t, r = attn.shape
     ctx_sq = ((attn.reshape(bi, bc * t, r) @ gram).reshape(bi, bc, t, r) * attn).sum(-1)
     ctx_norm = ctx_sq.clamp(min=1e-30).sqrt()  # padding rows (alpha = 0) get a zero gradient, never NaN
-    norms = ctx_norm * words.norm(dim=1).unsqueeze(0)  # (Bi, Bc, T)
+    norms = ctx_norm * word_norms  # (Bi, Bc, T)
     rel = dots / norms.clamp(min=eps)
     # log sum_t exp(gamma2 R_t) over the caption's real words (AttnGAN eq. (10) as coded).
-    rel = (gamma2 * rel).masked_fill(~word_mask.unsqueeze(0), float("-inf"))
+    rel = (gamma2 * rel).masked_fill(~pair_words, float("-inf"))
     scores = torch.logsumexp(rel, dim=-1)
     if paper_word_score:
         scores = scores / gamma2
@@ -171,7 +184,8 @@ def class_negative_mask(class_ids: ClassIds, batch: int, device: torch.device) -
 
 
 def batch_matching_losses(
-    scores: Tensor, gamma3: float, negative_mask: Tensor | None = None
+    scores: Tensor, gamma3: float, negative_mask: Tensor | None = None,
+    hard_scores: Tensor | None = None, hard_valid: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Both-direction batch softmax losses of a square (image x caption) score matrix.
 
@@ -180,6 +194,9 @@ def batch_matching_losses(
             matching pairs on the diagonal.
         gamma3: scale applied before the softmax.
         negative_mask: ``(B, B)`` bool, ``True`` = exclude that pair (set to ``-inf``).
+        hard_scores: optional ``(B, K)`` similarities of image ``i`` with its own K hard-negative
+            captions (:mod:`cpgan.negatives`), appended to row ``i`` of the image->caption softmax.
+        hard_valid: ``(B, K)`` bool, ``False`` = leave that hard negative out.
 
     Returns:
         ``(loss0, loss1)``: mean cross-entropy image->caption (rows) and caption->image (columns).
@@ -188,7 +205,49 @@ def batch_matching_losses(
     if negative_mask is not None:
         logits = logits.masked_fill(negative_mask, float("-inf"))
     labels = torch.arange(scores.shape[0], device=scores.device)
-    return F.cross_entropy(logits, labels), F.cross_entropy(logits.t(), labels)
+    loss1 = F.cross_entropy(logits.t(), labels)
+    if hard_scores is not None:
+        extra = gamma3 * hard_scores
+        if hard_valid is not None:
+            extra = extra.masked_fill(~hard_valid, float("-inf"))
+        logits = torch.cat((logits, extra), dim=1)
+    return F.cross_entropy(logits, labels), loss1
+
+
+class HardNegatives(NamedTuple):
+    """K hard-negative captions per image (:mod:`cpgan.negatives`), already encoded.
+
+    ``words (K, B, d, T)``, ``sentence (K, B, d)``, ``lengths (K, B)``, ``valid (K, B)`` bool
+    (``False`` = that image has no such negative).
+    """
+
+    words: Tensor
+    sentence: Tensor
+    lengths: Tensor
+    valid: Tensor
+
+
+def _hard_scores(hard: HardNegatives, regions: Tensor, global_features: Tensor, region_mask: Tensor | None,
+                 gamma1: float, gamma2: float, paper_word_score: bool, eps: float
+                 ) -> tuple[Tensor, Tensor, Tensor]:
+    """Word and sentence scores ``(B, K)`` of each image with its own K hard negatives, and ``(B, K)`` validity."""
+    k, b = hard.words.shape[:2]
+    if hard.words.dim() != 4 or hard.sentence.shape[:2] != (k, b) or hard.lengths.shape != (k, b) \
+            or hard.valid.shape != (k, b) or b != regions.shape[0]:
+        raise ValueError(
+            f"hard negatives must be words (K, B={regions.shape[0]}, d, T), sentence (K, B, d), lengths and "
+            f"valid (K, B); got {tuple(hard.words.shape)}, {tuple(hard.sentence.shape)}, "
+            f"{tuple(hard.lengths.shape)}, {tuple(hard.valid.shape)}"
+        )
+    flat = regions.flatten(2)
+    rep_regions = flat.repeat(k, 1, 1)  # row k*B + i = image i
+    rep_mask = None if region_mask is None else region_mask.repeat(k, 1)
+    w, _ = word_level_scores(rep_regions, hard.words.flatten(0, 1), hard.lengths.flatten(), rep_mask,
+                             gamma1, gamma2, paper_word_score, eps, paired=True)
+    g = global_features.repeat(k, 1)
+    s_ = hard.sentence.flatten(0, 1)
+    sent = (g * s_).sum(1) / (g.norm(dim=1) * s_.norm(dim=1)).clamp(min=eps)
+    return w.reshape(k, b).t(), sent.reshape(k, b).t(), hard.valid.t().to(torch.bool)
 
 
 def damsm_loss(
@@ -205,6 +264,7 @@ def damsm_loss(
     *,
     paper_word_score: bool = False,
     eps: float = 1e-8,
+    hard: HardNegatives | None = None,
 ) -> dict[str, Tensor]:
     """DAMSM loss of a batch of matching (image, caption) pairs (TISCL on generated images).
 
@@ -220,6 +280,9 @@ def damsm_loss(
         gamma1, gamma2, gamma3: AttnGAN ``TRAIN.SMOOTH.GAMMA1/2/3`` (DAMSM configs: 4, 5, 10).
         paper_word_score: see :func:`word_level_scores` (default: AttnGAN code).
         eps: cosine denominator clamp (AttnGAN 1e-8).
+        hard: optional :class:`HardNegatives` (not in the paper; :mod:`cpgan.negatives`): K captions per
+            image, each scored against its own image only and added to that image's image->caption
+            softmax at both levels (``w_loss0``, ``s_loss0``); the caption->image terms are unchanged.
 
     Returns:
         dict with scalar ``loss`` (= ``word_loss + sent_loss``), ``word_loss``
@@ -245,8 +308,12 @@ def damsm_loss(
     )
     sent_scores = cosine_similarity_matrix(global_features, sentence, eps)
     negatives = class_negative_mask(class_ids, batch, words.device)
-    w0, w1 = batch_matching_losses(word_scores, gamma3, negatives)
-    s0, s1 = batch_matching_losses(sent_scores, gamma3, negatives)
+    hard_w = hard_s = hard_valid = None
+    if hard is not None:
+        hard_w, hard_s, hard_valid = _hard_scores(hard, regions, global_features, region_mask,
+                                                  gamma1, gamma2, paper_word_score, eps)
+    w0, w1 = batch_matching_losses(word_scores, gamma3, negatives, hard_w, hard_valid)
+    s0, s1 = batch_matching_losses(sent_scores, gamma3, negatives, hard_s, hard_valid)
     idx = torch.arange(batch, device=words.device)
     return {
         "loss": w0 + w1 + s0 + s1,

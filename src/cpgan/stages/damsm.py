@@ -24,6 +24,7 @@ from ..config import Config
 from ..data.dataset import CaptionDataset, eval_batches, load_split, load_vocab, make_loader
 from ..encode import Encoders, store_lookup
 from ..losses import damsm_loss
+from ..negatives import KINDS, WordSwapper, encode_hard_negatives, make_swapper
 from ..metrics.r_precision import r_precision_dmgan
 from ..utils.checkpoint import load_state, rng_state, save_state, save_weights, set_rng_state
 from ..utils.logging import echo, progress
@@ -65,15 +66,21 @@ def r_precision_real(enc: Encoders, ds: CaptionDataset, split: str, device: torc
                              n_negatives=min(99, n - 1), seed=seed)
 
 
-def batch_loss(enc: Encoders, batch: dict, split: str, device: torch.device, d) -> dict:
-    """DAMSM loss (suppl. eqs. (15)–(25)) of one collated batch of real pairs, with its attention maps."""
+def batch_loss(enc: Encoders, batch: dict, split: str, device: torch.device, d,
+               swapper: WordSwapper | None = None) -> dict:
+    """DAMSM loss (suppl. eqs. (15)–(25)) of one collated batch of real pairs, with its attention maps.
+
+    ``swapper`` (``damsm.hard_negatives``) adds word-swap hard negatives, drawn from the global torch RNG
+    (saved with the training state, so a resumed run draws the same ones).
+    """
     x = batch["images"][-1].to(device)
     caps, lens = batch["captions"].to(device), batch["lengths"].to(device)
     words, sent = enc.encode_text(caps, lens)
     feats = enc.encode_images(x, split, batch["index"])
     cls = batch["class_ids"] if bool((batch["class_ids"] >= 0).all()) else None
+    hard = None if swapper is None else encode_hard_negatives(enc.encode_text, swapper, caps, lens)
     return damsm_loss(feats.regions, feats.global_features, words, sent, lens, class_ids=cls,
-                      region_mask=feats.region_mask, gamma1=d.gamma1, gamma2=d.gamma2, gamma3=d.gamma3)
+                      region_mask=feats.region_mask, gamma1=d.gamma1, gamma2=d.gamma2, gamma3=d.gamma3, hard=hard)
 
 
 def _epoch_lr(cfg: Config, epoch: int) -> float:
@@ -104,6 +111,7 @@ def run(cfg: Config, ctx: StageContext) -> dict:
     ds_train = CaptionDataset(train, [size], d.words_num, train=True, seed=d.seed, augment=cfg.data.augment)
     ds_test = CaptionDataset(test, [size], cfg.text.eval_words_num, train=False)
     enc = make_encoders(cfg, ctx.run_dir, len(vocab), device)
+    swapper = make_swapper(d.hard_negatives, "damsm.hard_negatives", vocab.word2id, cfg.data.source)
     if d.text_weights:
         from ..interop.official import load_official  # AttnGAN text_encoder*.pth
 
@@ -160,7 +168,7 @@ def run(cfg: Config, ctx: StageContext) -> dict:
             if ctx.stop_requested or deadline.expired():
                 stopped = True
                 break
-            out = batch_loss(enc, batch, "train", device, d)
+            out = batch_loss(enc, batch, "train", device, d, swapper)
             opt.zero_grad(set_to_none=True)
             out["loss"].backward()
             torch.nn.utils.clip_grad_norm_(rnn_params, d.rnn_grad_clip)
@@ -213,6 +221,7 @@ def run(cfg: Config, ctx: StageContext) -> dict:
         from .damsm_attention import attention_report
 
         summary.update(attention_report(enc, ds_test, test, device, ctx.dir / "attention", cfg))
+        summary.update(swap_accuracy(enc, ds_test, "test", device, vocab.word2id, d, seed=d.seed))
     ctx.log(**{k: v for k, v in summary.items() if not isinstance(v, list)})
     return summary
 
@@ -229,6 +238,38 @@ def validate(enc: Encoders, ds: CaptionDataset, device: torch.device, d, limit: 
         n += 1
     sums /= max(n, 1)
     return {"loss": float(sums[0]), "word_loss": float(sums[1]), "sent_loss": float(sums[2])}
+
+
+@torch.no_grad()
+def swap_accuracy(enc: Encoders, ds: CaptionDataset, split: str, device: torch.device, word2id, d,
+                  limit: int = 1000, seed: int = 0) -> dict[str, float]:
+    """How often the encoders prefer an image's caption to the same caption with one word swapped.
+
+    Shapes world: for each test image, the caption with one shape (colour) word replaced by another class's
+    (:mod:`cpgan.negatives`); ``swap_{kind}_word`` / ``swap_{kind}_sentence`` = fraction of images whose
+    word-level (sentence-level) score is higher for the true caption. 0.5 = blind to that attribute.
+    """
+    from ..losses import word_level_scores
+
+    gen = torch.Generator().manual_seed(seed)
+    swappers = {k: make_swapper(k, "swap_accuracy", word2id, "shapes") for k in KINDS}
+    wins: dict[str, list[float]] = {f"swap_{k}_{lv}": [] for k in KINDS for lv in ("word", "sentence")}
+    for b in eval_batches(ds, 100, limit):
+        feats = enc.encode_images(b["images"][-1].to(device), split, b["index"])
+        caps, lens = b["captions"].to(device), b["lengths"].to(device)
+        words, sent = enc.encode_text(caps, lens)
+        w_true, _ = word_level_scores(feats.regions, words, lens, feats.region_mask, d.gamma1, d.gamma2,
+                                      paired=True)
+        s_true = torch.nn.functional.cosine_similarity(feats.global_features, sent, dim=1, eps=1e-8)
+        for kind, sw in swappers.items():
+            hard = encode_hard_negatives(enc.encode_text, sw, caps, lens, gen)
+            w_neg, _ = word_level_scores(feats.regions, hard.words[0], lens, feats.region_mask, d.gamma1, d.gamma2,
+                                         paired=True)
+            s_neg = torch.nn.functional.cosine_similarity(feats.global_features, hard.sentence[0], dim=1, eps=1e-8)
+            ok = hard.valid[0]
+            wins[f"swap_{kind}_word"] += (w_true[:, 0] > w_neg[:, 0])[ok].float().tolist()
+            wins[f"swap_{kind}_sentence"] += (s_true > s_neg)[ok].float().tolist()
+    return {k: float(np.mean(v)) if v else float("nan") for k, v in wins.items()}
 
 
 STAGE = Stage(name="damsm", run=run, upstream=("vocab", "detector", "memory"),

@@ -34,6 +34,7 @@ from ..data.dataset import CaptionDataset, collate, load_split, load_vocab, make
 from ..diffaug import augment, parse_policy
 from ..gan_losses import d_hinge_loss, g_hinge_loss, kl_loss
 from ..losses import damsm_loss
+from ..negatives import encode_hard_negatives, make_swapper
 from ..models.discriminator import D_NET
 from ..models.generator import G_NET, init_weights_attngan, truncated_noise
 from ..utils import distributed as dist
@@ -117,6 +118,16 @@ def tiscl_weight(lam: float, warmup: int, step: int) -> float:
     return lam if warmup <= 0 else lam * min(1.0, step / warmup)
 
 
+def balanced_weight(lam: float, balance: float, adv_norm: float, tiscl_norm: float) -> float:
+    """``gan.tiscl_balance``: λ capped so that ‖∂(λ·TISCL)/∂Ĩ‖ ≤ balance · ‖∂L_adv/∂Ĩ‖ at the last stage image.
+
+    ``min(lam, balance * adv_norm / tiscl_norm)``; ``lam`` when ``tiscl_norm`` is zero.
+    """
+    if tiscl_norm <= 0.0:
+        return lam
+    return min(lam, balance * adv_norm / tiscl_norm)
+
+
 @torch.no_grad()
 def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     for pe, pm in zip(ema.parameters(), model.parameters()):
@@ -193,6 +204,8 @@ class Trainer:
         self.step, self.spent, self.history = 0, 0.0, []
         self.augment = parse_policy(g.augment)
         self.tiscl_augment = parse_policy(g.tiscl_augment, "gan.tiscl_augment")
+        self.tiscl_swapper = make_swapper(g.tiscl_hard_negatives, "gan.tiscl_hard_negatives",
+                                          self.vocab.word2id, cfg.data.source)
         self.amp = resolve_amp(g.amp, self.device)
         if g.amp == "auto":
             echo(f"[gan] gan.amp=auto: {'bfloat16 autocast' if self.amp else 'float32'} on this "
@@ -341,7 +354,7 @@ class Trainer:
             out = g_hinge_loss(*(x.float() for x in logits))
             loss = loss + out["loss"]
             g_adv += float(out["loss"].detach())
-            if diagnose:
+            if diagnose or (g.tiscl_balance > 0 and i == len(self.Dw) - 1):
                 logs[f"gx_adv{i}"] = _grad_norm(out["loss"], fakes[i])
         kl = kl_loss(mu.float(), logvar.float())
         loss = loss + g.kl_weight * kl
@@ -350,9 +363,17 @@ class Trainer:
             with self.autocast():
                 feats = self.enc.encode_images(augment(fakes[-1], self.tiscl_augment, gen))
             cls = batch["class_ids"].to(dev) if bool((batch["class_ids"] >= 0).all()) else None
+            hard = None
+            if self.tiscl_swapper is not None:  # gan.tiscl_hard_negatives (drawn last: the other draws stay)
+                with torch.no_grad():
+                    hard = encode_hard_negatives(self.enc.encode_text, self.tiscl_swapper, caps, lens, gen)
             t = damsm_loss(feats.regions.float(), feats.global_features.float(), words, sent, lens, class_ids=cls,
                            region_mask=feats.region_mask, gamma1=cfg.damsm.gamma1, gamma2=cfg.damsm.gamma2,
-                           gamma3=cfg.damsm.gamma3)
+                           gamma3=cfg.damsm.gamma3, hard=hard)
+            if g.tiscl_balance > 0:  # cap λ by the adversarial gradient at the last image (not in the paper)
+                lam = balanced_weight(lam, g.tiscl_balance, logs[f"gx_adv{len(self.Dw) - 1}"],
+                                      _grad_norm(t["loss"], fakes[-1]))
+                logs["lambda_tiscl"] = lam
             loss = loss + lam * t["loss"]
             logs["tiscl"] = float(t["loss"].detach())
             if diagnose:
