@@ -305,3 +305,30 @@ def test_tiscl_hard_negatives_add_to_the_loss(plain_run, tmp_path):
     for kind in ("shape", "colour"):
         for level in ("word", "sentence"):
             assert 0.0 <= summary[f"swap_{kind}_{level}"] <= 1.0
+
+
+def test_damsm_hard_negatives_batch_loss(plain_run):
+    """damsm.hard_negatives: the DAMSM training loss of a batch gains the swapped captions' terms (image->caption
+    only), and the swaps come from the global RNG (same seed, same loss)."""
+    from cpgan import build
+    from cpgan.data.dataset import CaptionDataset, collate, load_split, load_vocab
+    from cpgan.negatives import make_swapper
+    from cpgan.stages.damsm import batch_loss, make_encoders
+
+    run_dir = plain_run[0]
+    cfg = _cfg(*PLAIN)
+    vocab = load_vocab(run_dir)
+    te, ie = build.load_damsm(cfg, run_dir, len(vocab), "cpu")
+    enc = make_encoders(cfg, run_dir, len(vocab), torch.device("cpu"), te, ie)
+    ds = CaptionDataset(load_split(run_dir, "train"), [cfg.data.image_size], cfg.damsm.words_num, train=False)
+    batch = collate([ds[i] for i in range(8)])
+    sw = make_swapper("shape,colour", "damsm.hard_negatives", vocab.word2id, "shapes")
+    with torch.no_grad():
+        plain = batch_loss(enc, batch, "train", torch.device("cpu"), cfg.damsm)
+        torch.manual_seed(3)
+        hard = batch_loss(enc, batch, "train", torch.device("cpu"), cfg.damsm, sw)
+        torch.manual_seed(3)
+        again = batch_loss(enc, batch, "train", torch.device("cpu"), cfg.damsm, sw)
+    assert hard["w_loss0"] > plain["w_loss0"] and hard["s_loss0"] > plain["s_loss0"]
+    assert hard["w_loss1"] == plain["w_loss1"] and hard["s_loss1"] == plain["s_loss1"]
+    assert again["loss"] == hard["loss"]
