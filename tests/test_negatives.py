@@ -61,11 +61,33 @@ def test_padding_is_never_swapped():
 
 
 def test_kinds_and_sources_are_checked():
-    assert parse_kinds("shape, colour", "x") == ("shape", "colour")
+    assert parse_kinds("shape, colour", "x") == (("shape", 1), ("colour", 1))
+    assert parse_kinds("shape:7,colour:2", "x") == (("shape", 7), ("colour", 2))
     assert parse_kinds("", "x") == ()
     with pytest.raises(ValueError, match="unknown kind 'size'"):
         parse_kinds("size", "damsm.hard_negatives")
+    for bad in ("shape:0", "shape:x", "shape,shape:2"):
+        with pytest.raises(ValueError, match="damsm.hard_negatives"):
+            parse_kinds(bad, "damsm.hard_negatives")
+    with pytest.raises(ValueError, match="at most 2"):
+        WordSwapper(W2ID, [SHAPE_OF], [3])  # circle/ball, square, star in the vocabulary
     with pytest.raises(ValueError, match="only the shapes world"):
         word_classes("shape", "coco")
     with pytest.raises(ValueError, match="two classes"):
         WordSwapper({"a": 0, "circle": 1}, [SHAPE_OF])
+
+
+def test_n_negatives_share_the_word_and_differ_in_class():
+    sw = WordSwapper(W2ID, [SHAPE_OF, COLOUR_OF], [2, 1])
+    assert sw.num_negatives == 3
+    captions = torch.tensor([_ids("a red circle above a blue square"), _ids("a violet ball on grass a a")])
+    lengths = torch.tensor([7, 5])
+    for seed in range(20):
+        out, valid = sw(captions, lengths, torch.Generator().manual_seed(seed))
+        assert out.shape == (3, 2, 7) and bool(valid.all())
+        for b in range(2):
+            pos = [(out[k, b] != captions[b]).nonzero().flatten().tolist() for k in range(2)]
+            assert len(pos[0]) == 1 and pos[0] == pos[1]  # the same shape word, twice
+            new = {SHAPE_OF[WORDS[out[k, b, pos[0][0]]]] for k in range(2)}
+            old = SHAPE_OF[WORDS[captions[b, pos[0][0]]]]
+            assert len(new) == 2 and old not in new  # the two other shape classes of the vocabulary

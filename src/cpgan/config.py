@@ -224,9 +224,9 @@ class DamsmConfig:
     """Optional AttnGAN ``image_encoder*.pth`` to start from / use frozen."""
     hard_negatives: str = field(default="", metadata=HASH_NEUTRAL)
     """Word-swap hard negatives in training (not in the paper; ``cpgan.negatives``): comma-separated of
-    ``shape`` and ``colour``; each image's caption with one shape (colour) word swapped for another class joins
-    that image's image->caption softmax, so the encoders must tell the named shapes apart. Shapes world only.
-    Empty = off (AttnGAN)."""
+    ``shape`` and ``colour``, each optionally ``:N``; each image's caption with one shape (colour) word swapped
+    for another class (N different classes at the same word) joins that image's image->caption softmax, so the
+    encoders must tell the named shapes apart. Shapes world only. Empty = off (AttnGAN)."""
 
 
 @dataclass
@@ -270,7 +270,8 @@ class GanConfig:
     Empty = off (the paper)."""
     tiscl_hard_negatives: str = field(default="", metadata=HASH_NEUTRAL)
     """Word-swap hard negatives in TISCL (as ``damsm.hard_negatives``; not in the paper): the generated image
-    must match its caption better than the caption with one shape (colour) word swapped. Empty = off."""
+    must match its caption better than the caption with one shape (colour) word swapped; ``shape:7`` = against
+    every other shape at that word. Empty = off."""
     tiscl_balance: float = field(default=0.0, metadata=HASH_NEUTRAL)
     """Adaptive TISCL weight (not in the paper; after the adaptive GAN weight of Esser et al. 2021): > 0 caps λ at
     every step so that the norm of λ·TISCL's gradient at the last stage image is at most this many times that

@@ -12,8 +12,9 @@ image->caption softmax of its own image (``damsm.hard_negatives`` when training 
 The word classes come from the shapes world's tables (``SHAPE_OF``, ``COLOUR_OF``); a data set without such
 tables cannot use the option (:func:`word_classes` says so).
 
-Shapes: ``captions (B, T)`` token ids -> ``(K, B, T)`` swapped ids and ``(K, B)`` validity, one negative per
-kind (K = number of kinds); a caption without a word of that kind is returned unchanged and marked invalid.
+Shapes: ``captions (B, T)`` token ids -> ``(K, B, T)`` swapped ids and ``(K, B)`` validity, N negatives per kind
+(``shape:N``; K = the sum of the N); a caption without a word of that kind is returned unchanged and marked
+invalid.
 """
 from __future__ import annotations
 
@@ -27,15 +28,31 @@ __all__ = ["KINDS", "parse_kinds", "word_classes", "WordSwapper", "make_swapper"
 KINDS = ("shape", "colour")
 
 
-def parse_kinds(spec: str, option: str) -> tuple[str, ...]:
-    """``"shape,colour"`` -> ``("shape", "colour")``; ``""`` -> ``()``; unknown kinds are a one-line error."""
-    kinds = tuple(k.strip() for k in spec.split(",") if k.strip())
-    bad = [k for k in kinds if k not in KINDS]
-    if bad:
-        raise ValueError(f"{option}: unknown kind {bad[0]!r}; use a comma-separated list of {', '.join(KINDS)}")
-    if len(set(kinds)) != len(kinds):
+def parse_kinds(spec: str, option: str) -> tuple[tuple[str, int], ...]:
+    """``"shape:3,colour"`` -> ``(("shape", 3), ("colour", 1))``; ``""`` -> ``()``.
+
+    ``kind:N`` asks for N negatives of that kind per caption, all at the same word with N different replacement
+    classes (``N`` = classes - 1 names every other class once). Bad specs are a one-line error.
+    """
+    out = []
+    for item in (k.strip() for k in spec.split(",")):
+        if not item:
+            continue
+        kind, _, count = item.partition(":")
+        kind = kind.strip()
+        if kind not in KINDS:
+            raise ValueError(f"{option}: unknown kind {kind!r}; use a comma-separated list of "
+                             f"{', '.join(KINDS)}, each optionally with :N negatives (e.g. shape:3)")
+        try:
+            n = int(count) if count.strip() else 1
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise ValueError(f"{option}: {item!r}: the count after ':' must be a positive integer")
+        out.append((kind, n))
+    if len({k for k, _ in out}) != len(out):
         raise ValueError(f"{option}: {spec!r} names a kind twice")
-    return kinds
+    return tuple(out)
 
 
 def word_classes(kind: str, source: str) -> Mapping[str, str]:
@@ -57,18 +74,28 @@ class WordSwapper:
         word2id: the vocabulary's word -> id map.
         tables: per kind, a word -> class map; words outside the vocabulary are ignored. The replacement
             word of a class is the class name when it is in the vocabulary, else its first word that is.
+        counts: per kind, the number of negatives N (default 1 each): all N change the same word, to N
+            different classes (at most classes - 1).
     """
 
-    def __init__(self, word2id: Mapping[str, int], tables: Sequence[Mapping[str, str]]) -> None:
+    def __init__(self, word2id: Mapping[str, int], tables: Sequence[Mapping[str, str]],
+                 counts: Sequence[int] | None = None) -> None:
         if not tables:
             raise ValueError("WordSwapper needs at least one word table")
+        counts = [1] * len(tables) if counts is None else list(counts)
+        if len(counts) != len(tables):
+            raise ValueError("WordSwapper: one count per word table")
         size = max(word2id.values()) + 1
         self.class_of: list[Tensor] = []  # per kind: (V,) class index, -1 = not a word of this kind
         self.replacement: list[Tensor] = []  # per kind: (C,) token id of each class
-        for table in tables:
+        self.counts = counts
+        for table, n in zip(tables, counts):
             classes = sorted({c for w, c in table.items() if w in word2id})
             if len(classes) < 2:
                 raise ValueError("a hard-negative kind needs at least two classes in the vocabulary")
+            if not 1 <= n <= len(classes) - 1:
+                raise ValueError(f"{n} negatives asked of a kind with {len(classes)} classes in the vocabulary "
+                                 f"(at most {len(classes) - 1})")
             index = {c: i for i, c in enumerate(classes)}
             class_of = torch.full((size,), -1, dtype=torch.long)
             for w, c in table.items():
@@ -80,12 +107,13 @@ class WordSwapper:
             self.replacement.append(torch.tensor(repl, dtype=torch.long))
 
     @property
-    def num_kinds(self) -> int:
-        return len(self.class_of)
+    def num_negatives(self) -> int:
+        """K, the negatives per caption (the sum of the counts)."""
+        return sum(self.counts)
 
     def __call__(self, captions: Tensor, lengths: Tensor,
                  generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-        """Swap one attribute word per caption and kind.
+        """Swap one attribute word per caption, N times per kind.
 
         Args:
             captions: ``(B, T)`` token ids (padding beyond ``lengths`` is never chosen).
@@ -94,26 +122,28 @@ class WordSwapper:
 
         Returns:
             ``(K, B, T)`` swapped captions (same lengths) and ``(K, B)`` bool, ``True`` where a word was
-            swapped (the caption had a word of that kind).
+            swapped (the caption had a word of that kind); K = :attr:`num_negatives`, kinds in order.
         """
         b, t = captions.shape
         device = captions.device
         in_caption = torch.arange(t, device=device)[None, :] < lengths.to(device)[:, None]
         rows = torch.arange(b, device=device)
         out, valid = [], []
-        for class_of, repl in zip(self.class_of, self.replacement):  # one pass per kind (K <= 2)
+        for class_of, repl, n in zip(self.class_of, self.replacement, self.counts):  # one pass per kind (<= 2)
+            c = repl.numel()
             cls = class_of.to(device)[captions].masked_fill(~in_caption, -1)  # (B, T)
             cand = cls >= 0
-            # a uniformly random candidate position per caption, then a uniformly random *other* class
+            # a uniformly random candidate position per caption, then n distinct random *other* classes
             pick = torch.rand(b, t, generator=generator).to(device).masked_fill(~cand, -1.0).argmax(1)
-            shift = torch.randint(1, repl.numel(), (b,), generator=generator).to(device)
-            old = cls[rows, pick]
-            new_tok = repl.to(device)[(old.clamp(min=0) + shift) % repl.numel()]
+            shifts = torch.rand(b, c - 1, generator=generator).argsort(1)[:, :n].to(device) + 1  # (B, n)
+            old = cls[rows, pick].clamp(min=0)
+            new_tok = repl.to(device)[(old[:, None] + shifts) % c]  # (B, n)
             ok = cand.any(1)
-            swapped = captions.clone()
-            swapped[rows, pick] = torch.where(ok, new_tok, captions[rows, pick])
-            out.append(swapped)
-            valid.append(ok)
+            for j in range(n):  # n <= classes - 1 (7 for the shapes world)
+                swapped = captions.clone()
+                swapped[rows, pick] = torch.where(ok, new_tok[:, j], captions[rows, pick])
+                out.append(swapped)
+                valid.append(ok)
         return torch.stack(out), torch.stack(valid)
 
 
@@ -123,7 +153,7 @@ def make_swapper(spec: str, option: str, word2id: Mapping[str, int], source: str
     if not kinds:
         return None
     try:
-        return WordSwapper(word2id, [word_classes(k, source) for k in kinds])
+        return WordSwapper(word2id, [word_classes(k, source) for k, _ in kinds], [n for _, n in kinds])
     except ValueError as e:
         raise ValueError(f"{option}: {e}") from None
 
