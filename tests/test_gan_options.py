@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from cpgan.diffaug import augment, cutout, parse_policy, translate
+from cpgan.diffaug import augment, cutout, lowpass, parse_policy, translate
 
 
 def _translate_loop(x, shifts):
@@ -41,6 +41,40 @@ def test_cutout_matches_loop():
     x = torch.randn(4, 3, 8, 8, generator=g)
     centres = torch.tensor([[0, 0], [4, 4], [7, 2], [3, 7]])
     assert torch.equal(cutout(x, centres, 4), _cutout_loop(x, centres, 4))
+
+
+def _lowpass_loop(x):
+    """2x2 block means, then bilinear interpolation with half-pixel centres and edge clamping, by hand."""
+    B, C, H, W = x.shape
+    m = [[[[float(x[b, c, 2 * i:2 * i + 2, 2 * j:2 * j + 2].mean()) for j in range(W // 2)] for i in range(H // 2)]
+          for c in range(C)] for b in range(B)]
+    out = torch.zeros_like(x)
+
+    def coord(o, n):  # output pixel o of 2n -> source position, clamped to [0, n - 1]
+        src = min(max((o + 0.5) / 2 - 0.5, 0.0), n - 1)
+        lo = int(src)
+        return lo, min(lo + 1, n - 1), src - lo
+
+    for b in range(B):
+        for c in range(C):
+            for i in range(H):
+                i0, i1, fy = coord(i, H // 2)
+                for j in range(W):
+                    j0, j1, fx = coord(j, W // 2)
+                    g = m[b][c]
+                    out[b, c, i, j] = ((1 - fy) * ((1 - fx) * g[i0][j0] + fx * g[i0][j1])
+                                       + fy * ((1 - fx) * g[i1][j0] + fx * g[i1][j1]))
+    return out
+
+
+def test_lowpass_matches_loop_and_removes_the_finest_pattern():
+    x = torch.randn(2, 3, 8, 6, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    torch.testing.assert_close(lowpass(x), _lowpass_loop(x), rtol=1e-12, atol=1e-12)
+    checker = (torch.arange(8)[:, None] + torch.arange(8)[None, :]) % 2 * 2.0 - 1.0  # +-1 checkerboard
+    assert torch.allclose(lowpass(checker.expand(1, 3, 8, 8)), torch.zeros(1, 3, 8, 8), atol=1e-7)
+    assert torch.equal(augment(x, parse_policy("lowpass")), lowpass(x))
+    with pytest.raises(ValueError, match="even image size"):
+        lowpass(torch.zeros(1, 3, 7, 8))
 
 
 def test_augment_is_differentiable_and_reproducible():

@@ -5,7 +5,10 @@ Every image D looks at — real, generated for D's step and generated for G's st
 random family of transforms; they are differentiable in the image, so G's gradient flows through them.
 
 * ``translation``: each image shifted by an integer offset in [-s/8, s/8] pixels on both axes, zero padded;
-* ``cutout``: one square of side s/2 at a random centre set to zero (grey, in [-1, 1] images).
+* ``cutout``: one square of side s/2 at a random centre set to zero (grey, in [-1, 1] images);
+* ``lowpass``: 2x2 average pooling, then bilinear upsampling back to s (no randomness): the next loss sees only
+  the image's content below half its resolution — for TISCL (``gan.tiscl_augment``), so that G cannot satisfy
+  the DAMSM with pixel-scale patterns (checkerboards, stripes) and the discriminators alone judge those.
 
 No colour transforms: the captions name colours and D must see them as they are. Randomness comes from the
 ``torch.Generator`` the caller passes (the GAN stage's per-step generator), so a resumed run repeats it.
@@ -16,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-POLICIES = ("translation", "cutout")
+POLICIES = ("translation", "cutout", "lowpass")
 
 
 def parse_policy(text: str, key: str = "gan.augment") -> tuple[str, ...]:
@@ -54,6 +57,13 @@ def cutout(x: Tensor, centres: Tensor, side: int) -> Tensor:
     return x * (~inside).unsqueeze(1).to(x.dtype)
 
 
+def lowpass(x: Tensor) -> Tensor:
+    """2x2 average pooling, bilinear upsampling back (half-pixel centres): ``(B, C, H, W)``, H and W even."""
+    if x.shape[-1] % 2 or x.shape[-2] % 2:
+        raise ValueError(f"lowpass needs an even image size, got {tuple(x.shape[-2:])}")
+    return F.interpolate(F.avg_pool2d(x, 2), size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+
 def augment(x: Tensor, policy: tuple[str, ...], generator: torch.Generator | None = None) -> Tensor:
     """Apply ``policy`` to a batch (B, C, H, W) with fresh random parameters per image."""
     if not policy:
@@ -69,4 +79,6 @@ def augment(x: Tensor, policy: tuple[str, ...], generator: torch.Generator | Non
             centres = torch.stack([torch.randint(0, H, (B,), generator=generator),
                                    torch.randint(0, W, (B,), generator=generator)], 1).to(x.device)
             x = cutout(x, centres, side)
+        elif name == "lowpass":
+            x = lowpass(x)
     return x
