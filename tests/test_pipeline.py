@@ -332,3 +332,36 @@ def test_damsm_hard_negatives_batch_loss(plain_run):
     assert hard["w_loss0"] > plain["w_loss0"] and hard["s_loss0"] > plain["s_loss0"]
     assert hard["w_loss1"] == plain["w_loss1"] and hard["s_loss1"] == plain["s_loss1"]
     assert again["loss"] == hard["loss"]
+
+
+def test_d_hard_negatives_feed_swapped_own_captions(plain_run, tmp_path):
+    """gan.d_hard_negatives=shape: the captions encoded for D's mismatched term are the batch's own captions with
+    exactly one shape word changed to another shape (same length); without it, another image's captions."""
+    from cpgan.data.shapes import SHAPE_OF
+
+    def spy(tr):
+        seen = []
+        real = tr._text
+        tr._text = lambda c, l: (seen.append((c.clone(), l.clone())), real(c, l))[1]
+        return seen
+
+    tr = _trainer(plain_run, tmp_path / "a", "gan.d_hard_negatives=shape")
+    batch = next(iter(gan_stage.make_loader(tr.ds, 4, seed=0, start_step=0, num_workers=0, rank=0, world=1)))
+    seen = spy(tr)
+    tr.train_step(batch)
+    (caps, lens), (wcaps, wlens) = seen[0], seen[-1]
+    assert torch.equal(wlens, lens)
+    words = tr.vocab.id2word
+    for b in range(caps.shape[0]):
+        a, w = caps[b, :lens[b]], wcaps[b, :lens[b]]
+        assert torch.all(wcaps[b, lens[b]:] == 0)
+        diff = (a != w).nonzero().flatten().tolist()
+        assert len(diff) == 1
+        old, new = words[int(a[diff[0]])], words[int(w[diff[0]])]
+        assert SHAPE_OF[old] != SHAPE_OF[new]
+    plain = _trainer(plain_run, tmp_path / "b")
+    seen = spy(plain)
+    plain.train_step(batch)
+    assert torch.equal(seen[-1][0], batch["wrong_captions"])
+    with pytest.raises(ValueError, match="one kind with one negative"):
+        _trainer(plain_run, tmp_path / "c", "gan.d_hard_negatives=shape,colour")

@@ -272,6 +272,10 @@ class GanConfig:
     """Word-swap hard negatives in TISCL (as ``damsm.hard_negatives``; not in the paper): the generated image
     must match its caption better than the caption with one shape (colour) word swapped; ``shape:7`` = against
     every other shape at that word. Empty = off."""
+    d_hard_negatives: str = field(default="", metadata=HASH_NEUTRAL)
+    """The mismatched caption X̄ of eq. (5)'s ⅓[1+D^c(I, X̄)] term (not in the paper): ``shape`` (or ``colour``) =
+    the image's own caption with one shape (colour) word swapped (``cpgan.negatives``), so that the conditional
+    discriminator must check that attribute; empty = another image's caption (the paper)."""
     tiscl_balance: float = field(default=0.0, metadata=HASH_NEUTRAL)
     """Adaptive TISCL weight (not in the paper; after the adaptive GAN weight of Esser et al. 2021): > 0 caps λ at
     every step so that the norm of λ·TISCL's gradient at the last stage image is at most this many times that

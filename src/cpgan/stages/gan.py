@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from .. import build
@@ -206,6 +207,11 @@ class Trainer:
         self.tiscl_augment = parse_policy(g.tiscl_augment, "gan.tiscl_augment")
         self.tiscl_swapper = make_swapper(g.tiscl_hard_negatives, "gan.tiscl_hard_negatives",
                                           self.vocab.word2id, cfg.data.source)
+        self.d_swapper = make_swapper(g.d_hard_negatives, "gan.d_hard_negatives", self.vocab.word2id,
+                                      cfg.data.source)
+        if self.d_swapper is not None and self.d_swapper.num_negatives != 1:
+            raise ValueError("gan.d_hard_negatives: name one kind with one negative (shape or colour); D's "
+                             "mismatched-caption term takes one caption per image")
         self.amp = resolve_amp(g.amp, self.device)
         if g.amp == "auto":
             echo(f"[gan] gan.amp=auto: {'bfloat16 autocast' if self.amp else 'float32'} on this "
@@ -314,13 +320,19 @@ class Trainer:
         caps, lens = batch["captions"].to(dev), batch["lengths"].to(dev)
         wcaps, wlens = batch["wrong_captions"].to(dev), batch["wrong_lengths"].to(dev)
         words, sent, mask = self._text(caps, lens)
-        wwords, wsent, wmask = self._text(wcaps, wlens)
         B = caps.shape[0]
         gen = step_generator(g.seed, self.step * self.info.world + self.info.rank)
         z = truncated_noise(B, cfg.model.z_dim, None, generator=gen).to(dev)
         eps = torch.randn(B, cfg.model.condition_dim, generator=gen).to(dev)
         with self.autocast():
             fakes, _, mu, logvar = self.Gw(z, sent, words, mask, eps)
+        if self.d_swapper is not None:  # gan.d_hard_negatives: X̄ = the own caption with one word swapped
+            swapped, ok = self.d_swapper(caps, lens, gen)  # (1, B, T), (1, B); no swap -> keep the other caption
+            width = max(caps.shape[1], wcaps.shape[1])
+            wcaps = torch.where(ok[0, :, None], F.pad(swapped[0], (0, width - caps.shape[1])),
+                                F.pad(wcaps, (0, width - wcaps.shape[1])))
+            wlens = torch.where(ok[0], lens, wlens)
+        wwords, wsent, wmask = self._text(wcaps, wlens)
 
         def aug(x: torch.Tensor) -> torch.Tensor:  # gan.augment (DiffAugment), off in the paper
             return augment(x, self.augment, gen)
