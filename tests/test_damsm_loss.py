@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from cpgan.losses import cosine_similarity_matrix, damsm_loss, word_level_scores
+from cpgan.losses import cosine_similarity_matrix, damsm_loss, paired_cosine, word_level_scores
 from cpgan.models.attention import word_region_attention
 
 EPS = 1e-8
@@ -214,6 +214,18 @@ def test_sentence_loss_hand_computed():
     # zero vectors: denominator clamped at eps -> cosine 0, no NaN
     z = cosine_similarity_matrix(torch.zeros(1, 2), torch.ones(1, 2))
     assert z.item() == 0.0
+
+
+def test_paired_cosine_hand_values_and_eps_rule():
+    a = torch.tensor([[3.0, 4.0], [1.0, 0.0], [0.0, 0.0]], dtype=torch.float64)
+    b = torch.tensor([[4.0, 3.0], [-2.0, 0.0], [1.0, 1.0]], dtype=torch.float64)
+    # (12 + 12) / 25; opposite vectors; zero vector -> product of norms clamped at eps -> 0, no NaN
+    torch.testing.assert_close(paired_cosine(a, b), torch.tensor([24 / 25, -1.0, 0.0], dtype=torch.float64))
+    # AttnGAN clamps the product |a||b|, not each norm: 1e-5 * 1e-5 = 1e-10 < eps=1e-8 -> dot / 1e-8
+    tiny = torch.tensor([[1e-5, 0.0]], dtype=torch.float64)
+    assert paired_cosine(tiny, tiny).item() == pytest.approx(1e-10 / 1e-8, rel=1e-12)
+    with pytest.raises(ValueError, match="same shape"):
+        paired_cosine(a, b[:2])
 
 
 def test_word_region_attention_matched_pairs_and_shapes():

@@ -41,6 +41,7 @@ from cpgan.models.attention import attention_from_scores, lengths_to_mask
 
 __all__ = [
     "cosine_similarity_matrix",
+    "paired_cosine",
     "word_level_scores",
     "class_negative_mask",
     "batch_matching_losses",
@@ -70,6 +71,17 @@ def cosine_similarity_matrix(a: Tensor, b: Tensor, eps: float = 1e-8) -> Tensor:
     dots = a @ b.t()
     norms = a.norm(dim=1, keepdim=True) * b.norm(dim=1, keepdim=True).t()
     return dots / norms.clamp(min=eps)
+
+
+def paired_cosine(a: Tensor, b: Tensor, eps: float = 1e-8) -> Tensor:
+    """Cosine similarity of row ``i`` of ``a`` with row ``i`` of ``b``: ``(N, d), (N, d) -> (N,)``.
+
+    The diagonal of :func:`cosine_similarity_matrix`, with the same AttnGAN eps rule (the product of the norms
+    is clamped, not each norm), without computing the off-diagonal pairs.
+    """
+    if a.dim() != 2 or a.shape != b.shape:
+        raise ValueError(f"expected two (N, d) tensors of the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)).clamp(min=eps)
 
 
 def _check_lengths(lengths: Tensor, batch: int, max_len: int) -> Tensor:
@@ -244,9 +256,7 @@ def _hard_scores(hard: HardNegatives, regions: Tensor, global_features: Tensor, 
     rep_mask = None if region_mask is None else region_mask.repeat(k, 1)
     w, _ = word_level_scores(rep_regions, hard.words.flatten(0, 1), hard.lengths.flatten(), rep_mask,
                              gamma1, gamma2, paper_word_score, eps, paired=True)
-    g = global_features.repeat(k, 1)
-    s_ = hard.sentence.flatten(0, 1)
-    sent = (g * s_).sum(1) / (g.norm(dim=1) * s_.norm(dim=1)).clamp(min=eps)
+    sent = paired_cosine(global_features.repeat(k, 1), hard.sentence.flatten(0, 1), eps)
     return w.reshape(k, b).t(), sent.reshape(k, b).t(), hard.valid.t().to(torch.bool)
 
 

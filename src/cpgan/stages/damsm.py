@@ -23,7 +23,7 @@ from .. import build
 from ..config import Config
 from ..data.dataset import CaptionDataset, eval_batches, load_split, load_vocab, make_loader
 from ..encode import Encoders, store_lookup
-from ..losses import damsm_loss
+from ..losses import damsm_loss, paired_cosine, word_level_scores
 from ..negatives import KINDS, WordSwapper, encode_hard_negatives, make_swapper
 from ..metrics.r_precision import r_precision_dmgan
 from ..utils.checkpoint import load_state, rng_state, save_state, save_weights, set_rng_state
@@ -249,7 +249,6 @@ def swap_accuracy(enc: Encoders, ds: CaptionDataset, split: str, device: torch.d
     (:mod:`cpgan.negatives`); ``swap_{kind}_word`` / ``swap_{kind}_sentence`` = fraction of images whose
     word-level (sentence-level) score is higher for the true caption. 0.5 = blind to that attribute.
     """
-    from ..losses import word_level_scores
 
     gen = torch.Generator().manual_seed(seed)
     swappers = {k: make_swapper(k, "swap_accuracy", word2id, "shapes") for k in KINDS}
@@ -260,12 +259,12 @@ def swap_accuracy(enc: Encoders, ds: CaptionDataset, split: str, device: torch.d
         words, sent = enc.encode_text(caps, lens)
         w_true, _ = word_level_scores(feats.regions, words, lens, feats.region_mask, d.gamma1, d.gamma2,
                                       paired=True)
-        s_true = torch.nn.functional.cosine_similarity(feats.global_features, sent, dim=1, eps=1e-8)
+        s_true = paired_cosine(feats.global_features, sent)
         for kind, sw in swappers.items():
             hard = encode_hard_negatives(enc.encode_text, sw, caps, lens, gen)
             w_neg, _ = word_level_scores(feats.regions, hard.words[0], lens, feats.region_mask, d.gamma1, d.gamma2,
                                          paired=True)
-            s_neg = torch.nn.functional.cosine_similarity(feats.global_features, hard.sentence[0], dim=1, eps=1e-8)
+            s_neg = paired_cosine(feats.global_features, hard.sentence[0])
             ok = hard.valid[0]
             wins[f"swap_{kind}_word"] += (w_true[:, 0] > w_neg[:, 0])[ok].float().tolist()
             wins[f"swap_{kind}_sentence"] += (s_true > s_neg)[ok].float().tolist()
