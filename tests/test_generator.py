@@ -484,6 +484,28 @@ def test_ca_net_reparametrisation_and_kl():
     torch.testing.assert_close(c, mu + torch.exp(0.5 * logvar) * eps)
 
 
+def test_ca_noise_scale():
+    torch.manual_seed(0)
+    s, eps = torch.randn(4, 6), torch.randn(4, 3)
+    half = CA_NET(emb_dim=6, c_dim=3, noise=0.5)
+    c, mu, logvar = half(s, eps)
+    torch.testing.assert_close(c, mu + 0.5 * torch.exp(0.5 * logvar) * eps)
+    det = CA_NET(emb_dim=6, c_dim=3, noise=0.0)
+    det.load_state_dict(half.state_dict())
+    c0, mu0, _ = det(s, eps)
+    torch.testing.assert_close(c0, mu)  # c = mu whatever eps is
+    torch.testing.assert_close(det(s, 100 * eps)[0], mu0)
+    with pytest.raises(ValueError, match="CA noise"):
+        CA_NET(noise=-1.0)
+    # through G: with ca_noise 0 the images do not depend on the CA sample
+    g = G_NET(branch_num=2, ngf=4, z_dim=5, c_dim=3, emb_dim=6, r_num=1, base_size=8, ca_noise=0.0).eval()
+    z, sent, words = torch.randn(2, 5), torch.randn(2, 6), torch.randn(2, 6, 4)
+    a = g(z, sent, words, None, torch.randn(2, 3))[0]
+    b = g(z, sent, words, None, torch.randn(2, 3))[0]
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y)
+
+
 def test_kl_closed_form():
     mu = torch.tensor([[0.0, 1.0], [2.0, -1.0]])
     logvar = torch.tensor([[0.0, math.log(4.0)], [math.log(0.25), 0.0]])

@@ -108,6 +108,10 @@ class ModelConfig:
     normalises each by its own statistics; off leaves spectral norm alone (common in hinge GANs)."""
     released_mask_bug: bool = False
     """Reproduce the released word-attention mask indexing (``mask.repeat(queryL, 1)``, DESIGN §4)."""
+    ca_noise: float = field(default=1.0, metadata=HASH_NEUTRAL)
+    """Scale of conditioning augmentation's sample, ``c = mu + ca_noise * sigma * eps`` (1 = the release; 0 =
+    ``c = mu``; not in the paper). On the shapes world the CA collapses to its prior (mu ~0.1 against a unit
+    sample), so the first stage gets no caption and draws none; 0 gives it the sentence."""
 
 
 @dataclass

@@ -118,13 +118,18 @@ class CA_NET(nn.Module):  # noqa: N801 (released name)
     """Conditioning augmentation (StackGAN / AttnGAN ``CA_NET``).
 
     ``fc``: Linear(emb_dim -> 4*c_dim) with bias -> GLU -> 2*c_dim values;
-    ``mu = x[:, :c_dim]``, ``logvar = x[:, c_dim:]``, ``c = mu + exp(0.5*logvar) * eps``, eps ~ N(0, I).
+    ``mu = x[:, :c_dim]``, ``logvar = x[:, c_dim:]``, ``c = mu + noise * exp(0.5*logvar) * eps``, eps ~ N(0, I).
+
+    ``noise`` scales the sampled part (1 = the release; 0 = ``c = mu``, deterministic; not in the paper).
     """
 
-    def __init__(self, emb_dim: int = 256, c_dim: int = 100) -> None:
+    def __init__(self, emb_dim: int = 256, c_dim: int = 100, noise: float = 1.0) -> None:
         super().__init__()
+        if noise < 0:
+            raise ValueError(f"the CA noise scale must be >= 0, got {noise}")
         self.emb_dim = emb_dim
         self.c_dim = c_dim
+        self.noise = float(noise)
         self.fc = nn.Linear(emb_dim, c_dim * 4, bias=True)
         self.glu = nn.GLU(dim=1)
 
@@ -143,7 +148,9 @@ class CA_NET(nn.Module):  # noqa: N801 (released name)
             eps = torch.randn_like(mu)
         elif eps.shape != mu.shape:
             raise ValueError(f"ca_eps must have shape {tuple(mu.shape)} (B, c_dim), got {tuple(eps.shape)}")
-        return mu + torch.exp(0.5 * logvar) * eps, mu, logvar
+        if self.noise == 0.0:
+            return mu, mu, logvar
+        return mu + self.noise * torch.exp(0.5 * logvar) * eps, mu, logvar
 
     @staticmethod
     def kl_loss(mu: Tensor, logvar: Tensor) -> Tensor:
@@ -269,6 +276,7 @@ class G_NET(nn.Module):  # noqa: N801 (released name)
         base_size: first-stage resolution (64 release; 16/32 for CPU presets; see module doc).
         residual_path: CPGAN's shared residual path from C0 (True) or AttnGAN's G (False).
         released_mask_bug: reproduce the release's ``mask.repeat(queryL, 1)`` masking.
+        ca_noise: scale of the conditioning-augmentation sample (1 = the release, 0 = ``c = mu``).
 
     forward(z (B, z_dim), sentence (B, d), words (B, d, T), mask (B, T) bool True=padding or None,
             ca_eps (B, c_dim) or None)
@@ -290,6 +298,7 @@ class G_NET(nn.Module):  # noqa: N801 (released name)
         base_size: int = 64,
         residual_path: bool = True,
         released_mask_bug: bool = False,
+        ca_noise: float = 1.0,
     ) -> None:
         super().__init__()
         if branch_num < 1:
@@ -311,7 +320,7 @@ class G_NET(nn.Module):  # noqa: N801 (released name)
         if self.residual_path:
             self.upsample = up_block(ngf, ngf)
             self.conv = conv3x3(ngf, ngf)
-        self.ca_net = CA_NET(emb_dim, c_dim)
+        self.ca_net = CA_NET(emb_dim, c_dim, ca_noise)
         self.h_net1 = INIT_STAGE_G(ngf, z_dim, c_dim, base_size)
         self.img_net1 = GET_IMAGE_G(ngf)
         for i in range(2, branch_num + 1):

@@ -53,7 +53,7 @@ def build_generator(cfg: Config) -> G_NET:
     m = cfg.model
     return G_NET(branch_num=m.branch_num, ngf=m.gf_dim, z_dim=m.z_dim, c_dim=m.condition_dim,
                  emb_dim=m.embedding_dim, r_num=m.r_num, base_size=m.base_size,
-                 released_mask_bug=m.released_mask_bug)
+                 released_mask_bug=m.released_mask_bug, ca_noise=m.ca_noise)
 
 
 def build_discriminators(cfg: Config) -> torch.nn.ModuleList:
