@@ -110,8 +110,9 @@ class ModelConfig:
     """Reproduce the released word-attention mask indexing (``mask.repeat(queryL, 1)``, DESIGN §4)."""
     ca_noise: float = field(default=1.0, metadata=HASH_NEUTRAL)
     """Scale of conditioning augmentation's sample, ``c = mu + ca_noise * sigma * eps`` (1 = the release; 0 =
-    ``c = mu``; not in the paper). On the shapes world the CA collapses to its prior (mu ~0.1 against a unit
-    sample), so the first stage gets no caption and draws none; 0 gives it the sentence."""
+    ``c = mu``; not in the paper). On the shapes world the CA collapses to its prior (mu varies by ~0.1 between
+    captions against a unit sample), so the first stage gets almost no caption; 0 removes the sample, but did
+    not by itself make the first stage use the caption (README)."""
 
 
 @dataclass
