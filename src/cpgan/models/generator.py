@@ -148,8 +148,6 @@ class CA_NET(nn.Module):  # noqa: N801 (released name)
             eps = torch.randn_like(mu)
         elif eps.shape != mu.shape:
             raise ValueError(f"ca_eps must have shape {tuple(mu.shape)} (B, c_dim), got {tuple(eps.shape)}")
-        if self.noise == 0.0:
-            return mu, mu, logvar
         return mu + self.noise * torch.exp(0.5 * logvar) * eps, mu, logvar
 
     @staticmethod
