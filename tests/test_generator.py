@@ -21,6 +21,7 @@ from cpgan.models.generator import (
     WordAttention,
     init_weights_attngan,
     released_repeat_mask,
+    scale_grad,
     truncated_noise,
 )
 
@@ -562,3 +563,48 @@ def test_ema_warmup_forgets_the_initialisation():
     for t in range(200):
         keep *= ema_decay_at(0.999, t)
     assert keep < 1e-3
+
+
+def test_scale_grad_closed_form():
+    x, w = torch.randn(3, 4, requires_grad=True), torch.randn(3, 4)
+    for s in (0.0, 0.25, 1.0):
+        y = scale_grad(x, s)
+        torch.testing.assert_close(y, x)  # the forward pass is the identity
+        if s == 0.0:
+            assert not y.requires_grad
+            continue
+        (gx,) = torch.autograd.grad((y * w).sum(), x)
+        torch.testing.assert_close(gx, s * w)
+
+
+def test_stage_grad_scales_what_the_last_stage_sends_back():
+    """Two stages: every path from the last image to the first stage's parameters crosses one stage boundary,
+    so with stage_grad s their gradient is s times the release's (and none at 0); the images are unchanged."""
+    torch.manual_seed(0)
+    ref = G_NET(branch_num=2, ngf=4, z_dim=5, c_dim=3, emb_dim=6, r_num=1, base_size=8).eval()
+    z, sent, words, eps = torch.randn(2, 5), torch.randn(2, 6), torch.randn(2, 6, 4), torch.randn(2, 3)
+    w = torch.randn(2, 3, 16, 16)
+
+    def grads(g):
+        imgs = g(z, sent, words, None, eps)[0]
+        first = [p for n, p in g.named_parameters() if n.startswith(("h_net1.", "ca_net."))]
+        later = [p for n, p in g.named_parameters() if n.startswith(("h_net2.", "img_net2.", "conv."))]
+        gs = torch.autograd.grad((imgs[-1] * w).sum(), first + later, allow_unused=True)
+        return imgs, gs[:len(first)], gs[len(first):]
+
+    imgs1, first1, later1 = grads(ref)
+    for s in (0.0, 0.5):
+        g = G_NET(branch_num=2, ngf=4, z_dim=5, c_dim=3, emb_dim=6, r_num=1, base_size=8, stage_grad=s).eval()
+        g.load_state_dict(ref.state_dict())
+        imgs, first, later = grads(g)
+        for a, b in zip(imgs, imgs1):
+            torch.testing.assert_close(a, b)
+        for a, b in zip(later, later1):  # the last stage's own parameters: unchanged
+            torch.testing.assert_close(a, b)
+        for a, b in zip(first, first1):
+            if s == 0.0:
+                assert a is None
+            else:
+                torch.testing.assert_close(a, s * b)
+    with pytest.raises(ValueError, match="stage_grad"):
+        G_NET(branch_num=2, ngf=4, base_size=8, stage_grad=1.5)

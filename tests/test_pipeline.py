@@ -365,3 +365,36 @@ def test_d_hard_negatives_feed_swapped_own_captions(plain_run, tmp_path):
     assert torch.equal(seen[-1][0], batch["wrong_captions"])
     with pytest.raises(ValueError, match="one kind with one negative"):
         _trainer(plain_run, tmp_path / "c", "gan.d_hard_negatives=shape,colour")
+
+
+def test_tiscl_on_every_stage(plain_run, tmp_path):
+    """gan.tiscl_stages=all: the first step's G loss is the paper's plus λ times the DAMSM loss of the first
+    stage's image resized to the last stage's size (recomputed here from the same noise and G)."""
+    from cpgan.losses import damsm_loss
+
+    opts = ("gan.amp=", "gan.tiscl_augment=", "gan.tiscl_hard_negatives=", "gan.lambda_tiscl=3.0")
+    last = _trainer(plain_run, tmp_path / "a", *opts)
+    every = _trainer(plain_run, tmp_path / "b", *opts, "gan.tiscl_stages=all")
+    assert every.tiscl_stage_ids == [0, 1] and last.tiscl_stage_ids == [1]
+    batch = next(iter(gan_stage.make_loader(last.ds, 4, seed=0, start_step=0, num_workers=0, rank=0, world=1)))
+    # the first stage's image as the step will draw it, and its TISCL by hand
+    cfg = every.cfg
+    caps, lens = batch["captions"], batch["lengths"]
+    gen = gan_stage.step_generator(cfg.gan.seed, every.step)
+    z = gan_stage.truncated_noise(4, cfg.model.z_dim, None, generator=gen)
+    eps = torch.randn(4, cfg.model.condition_dim, generator=gen)
+    with torch.no_grad():
+        words, sent, mask = every._text(caps, lens)
+        fakes = every.G(z, sent, words, mask, eps)[0]
+        up = torch.nn.functional.interpolate(fakes[0], size=fakes[1].shape[-2:], mode="bilinear", align_corners=False)
+        f = every.enc.encode_images(up)
+        ref = damsm_loss(f.regions, f.global_features, words, sent, lens,
+                         class_ids=batch["class_ids"] if bool((batch["class_ids"] >= 0).all()) else None,
+                         region_mask=f.region_mask, gamma1=cfg.damsm.gamma1, gamma2=cfg.damsm.gamma2,
+                         gamma3=cfg.damsm.gamma3)["loss"]
+    a, b = last.train_step(batch), every.train_step(batch)
+    assert b["tiscl"] == pytest.approx(a["tiscl"], rel=1e-5)  # the last stage's term is unchanged
+    assert b["g_loss"] == pytest.approx(a["g_loss"] + 3.0 * b["tiscl0"], rel=1e-5)
+    assert b["tiscl0"] == pytest.approx(float(ref), rel=1e-4)
+    with pytest.raises(ValueError, match="gan.tiscl_stages"):
+        _trainer(plain_run, tmp_path / "c", "gan.tiscl_stages=first")

@@ -113,6 +113,11 @@ class ModelConfig:
     ``c = mu``; not in the paper). On the shapes world the CA collapses to its prior (mu varies by ~0.1 between
     captions against a unit sample), so the first stage gets almost no caption; 0 removes the sample, but did
     not by itself make the first stage use the caption (README)."""
+    stage_grad: float = field(default=1.0, metadata=HASH_NEUTRAL)
+    """Factor on the gradient that flows from each refinement stage back into the previous stage's features
+    (the forward pass is unchanged; 1 = the release, 0 = every stage learns only from its own losses, as
+    StackGAN-v1 trained its stages apart; not in the paper). With 1, TISCL's gradient at the last image reaches
+    the first stage through the shared features and swamps its discriminator's (README)."""
 
 
 @dataclass
@@ -287,6 +292,10 @@ class GanConfig:
     of the last discriminator's adversarial loss (two extra partial backward passes, through D and the DAMSM
     image encoder, not through G). 0 = a fixed λ (the paper). With a fixed λ 10 on ``shapes-quick`` the ratio
     is ~70, and the last stage draws what fools the DAMSM rather than what D calls real."""
+    tiscl_stages: str = field(default="last", metadata=HASH_NEUTRAL)
+    """Which stage images TISCL scores: ``last`` (the paper, AttnGAN) or ``all`` (every stage's image, resized
+    bilinearly to the last stage's size, each term at weight λ; not in the paper) — a direct caption signal for
+    the first stage, whose own discriminator is otherwise all that teaches it the caption."""
     checkpoint_every: int = 200
     sample_every: int = 200
     log_every: int = 20

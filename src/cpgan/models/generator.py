@@ -30,6 +30,10 @@ Choices (documented, constructor arguments):
   ``mask.repeat(queryL, 1)``, i.e. attention row ``b*queryL+q`` is masked with
   ``mask[(b*queryL+q) % B]`` instead of ``mask[b]``.  True reproduces the authors' outputs exactly
   (turn it on when importing their weights); both variants are vectorised.
+* ``stage_grad`` (default 1 = the release): the gradient that flows from stage i+1 back into stage i's
+  features (the refinement stage's input and the residual path) is multiplied by this factor
+  (:func:`scale_grad`; the forward pass is unchanged). 0 trains each stage only by its own losses, as
+  StackGAN-v1 trained its stages apart; not in the paper.
 
 Initialisation: modules keep PyTorch's default init; :func:`init_weights_attngan` is AttnGAN's
 ``weights_init`` (orthogonal conv/linear weights, BN gamma ~ N(1, 0.02)), which the training stage
@@ -57,9 +61,33 @@ __all__ = [
     "WordAttention",
     "init_weights_attngan",
     "released_repeat_mask",
+    "scale_grad",
     "truncated_noise",
     "up_block",
 ]
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; the incoming gradient times ``scale`` backward."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, scale: float) -> Tensor:  # noqa: D102
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # noqa: D102
+        return grad * ctx.scale, None
+
+
+def scale_grad(x: Tensor, scale: float) -> Tensor:
+    """``x`` unchanged in the forward pass; its gradient multiplied by ``scale`` in the backward pass
+    (1 = ``x`` itself, 0 = ``x.detach()``)."""
+    if scale == 1.0:
+        return x
+    if scale == 0.0:
+        return x.detach()
+    return _ScaleGrad.apply(x, float(scale))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -275,6 +303,8 @@ class G_NET(nn.Module):  # noqa: N801 (released name)
         residual_path: CPGAN's shared residual path from C0 (True) or AttnGAN's G (False).
         released_mask_bug: reproduce the release's ``mask.repeat(queryL, 1)`` masking.
         ca_noise: scale of the conditioning-augmentation sample (1 = the release, 0 = ``c = mu``).
+        stage_grad: factor on the gradient from each refinement stage back into the previous stage's
+            features (1 = the release, 0 = stages trained apart; see module doc).
 
     forward(z (B, z_dim), sentence (B, d), words (B, d, T), mask (B, T) bool True=padding or None,
             ca_eps (B, c_dim) or None)
@@ -297,8 +327,11 @@ class G_NET(nn.Module):  # noqa: N801 (released name)
         residual_path: bool = True,
         released_mask_bug: bool = False,
         ca_noise: float = 1.0,
+        stage_grad: float = 1.0,
     ) -> None:
         super().__init__()
+        if not 0.0 <= stage_grad <= 1.0:
+            raise ValueError(f"stage_grad must be in [0, 1], got {stage_grad}")
         if branch_num < 1:
             raise ValueError(f"branch_num must be >= 1, got {branch_num}")
         for name, val in (("ngf", ngf), ("z_dim", z_dim), ("c_dim", c_dim), ("emb_dim", emb_dim)):
@@ -312,6 +345,7 @@ class G_NET(nn.Module):  # noqa: N801 (released name)
         self.c_dim = c_dim
         self.emb_dim = emb_dim
         self.base_size = base_size
+        self.stage_grad = float(stage_grad)
         self.residual_path = residual_path and branch_num > 1
         self.image_sizes = [base_size * 2**i for i in range(branch_num)]
         # registration order = released state_dict order: upsample, conv, ca_net, h_net1, img_net1, ...
@@ -373,6 +407,7 @@ class G_NET(nn.Module):  # noqa: N801 (released name)
         att_maps: list[Tensor] = []
         res = h
         for i in range(2, self.branch_num + 1):
+            h, res = scale_grad(h, self.stage_grad), scale_grad(res, self.stage_grad)
             out, att = getattr(self, f"h_net{i}")(h, words, mask)
             if self.residual_path:
                 res = self.upsample(res)  # shared up-block on the previous residual (C0 for stage 2)

@@ -53,7 +53,8 @@ def build_generator(cfg: Config) -> G_NET:
     m = cfg.model
     return G_NET(branch_num=m.branch_num, ngf=m.gf_dim, z_dim=m.z_dim, c_dim=m.condition_dim,
                  emb_dim=m.embedding_dim, r_num=m.r_num, base_size=m.base_size,
-                 released_mask_bug=m.released_mask_bug, ca_noise=m.ca_noise)
+                 released_mask_bug=m.released_mask_bug, ca_noise=m.ca_noise,
+                 stage_grad=m.stage_grad)
 
 
 def build_discriminators(cfg: Config) -> torch.nn.ModuleList:
@@ -212,6 +213,10 @@ class Trainer:
         if self.d_swapper is not None and self.d_swapper.num_negatives != 1:
             raise ValueError("gan.d_hard_negatives: name one kind with one negative (shape or colour); D's "
                              "mismatched-caption term takes one caption per image")
+        if g.tiscl_stages not in ("last", "all"):
+            raise ValueError(f"gan.tiscl_stages must be 'last' (the paper) or 'all', got {g.tiscl_stages!r}")
+        last = cfg.model.branch_num - 1
+        self.tiscl_stage_ids = list(range(last + 1)) if g.tiscl_stages == "all" else [last]
         self.amp = resolve_amp(g.amp, self.device)
         if g.amp == "auto":
             echo(f"[gan] gan.amp=auto: {'bfloat16 autocast' if self.amp else 'float32'} on this "
@@ -372,16 +377,24 @@ class Trainer:
         loss = loss + g.kl_weight * kl
         lam = tiscl_weight(g.lambda_tiscl, g.tiscl_warmup, self.step)
         if lam > 0:
-            with self.autocast():
-                feats = self.enc.encode_images(augment(fakes[-1], self.tiscl_augment, gen))
+            feats = []  # gan.tiscl_stages: the scored stages, the last one last (its draws as with "last")
+            for k in self.tiscl_stage_ids:
+                img = fakes[k] if k == len(fakes) - 1 else F.interpolate(
+                    fakes[k], size=fakes[-1].shape[-2:], mode="bilinear", align_corners=False)
+                with self.autocast():
+                    feats.append(self.enc.encode_images(augment(img, self.tiscl_augment, gen)))
             cls = batch["class_ids"].to(dev) if bool((batch["class_ids"] >= 0).all()) else None
             hard = None
             if self.tiscl_swapper is not None:  # gan.tiscl_hard_negatives (drawn last: the other draws stay)
                 with torch.no_grad():
                     hard = encode_hard_negatives(self.enc.encode_text, self.tiscl_swapper, caps, lens, gen)
-            t = damsm_loss(feats.regions.float(), feats.global_features.float(), words, sent, lens, class_ids=cls,
-                           region_mask=feats.region_mask, gamma1=cfg.damsm.gamma1, gamma2=cfg.damsm.gamma2,
-                           gamma3=cfg.damsm.gamma3, hard=hard)
+            terms = [damsm_loss(f.regions.float(), f.global_features.float(), words, sent, lens, class_ids=cls,
+                                region_mask=f.region_mask, gamma1=cfg.damsm.gamma1, gamma2=cfg.damsm.gamma2,
+                                gamma3=cfg.damsm.gamma3, hard=hard)["loss"] for f in feats]
+            for k, term in zip(self.tiscl_stage_ids[:-1], terms[:-1]):  # earlier stages: at the fixed λ
+                loss = loss + lam * term
+                logs[f"tiscl{k}"] = float(term.detach())
+            t = {"loss": terms[-1]}
             if g.tiscl_balance > 0:  # cap λ by the adversarial gradient at the last image (not in the paper)
                 lam = balanced_weight(lam, g.tiscl_balance, logs[f"gx_adv{len(self.Dw) - 1}"],
                                       _grad_norm(t["loss"], fakes[-1]))
