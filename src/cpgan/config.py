@@ -112,7 +112,7 @@ class ModelConfig:
     """Scale of conditioning augmentation's sample, ``c = mu + ca_noise * sigma * eps`` (1 = the release; 0 =
     ``c = mu``; not in the paper). On the shapes world the CA collapses to its prior (mu varies by ~0.1 between
     captions against a unit sample), so the first stage gets almost no caption; 0 removes the sample, but did
-    not by itself make the first stage use the caption (README)."""
+    not by itself make the first stage use the caption; with ``gan.tiscl_stages=all`` it does (README)."""
     stage_grad: float = field(default=1.0, metadata=HASH_NEUTRAL)
     """Factor on the gradient that flows from each refinement stage back into the previous stage's features
     (the forward pass is unchanged; 1 = the release, 0 = every stage learns only from its own losses, as
@@ -295,7 +295,9 @@ class GanConfig:
     tiscl_stages: str = field(default="last", metadata=HASH_NEUTRAL)
     """Which stage images TISCL scores: ``last`` (the paper, AttnGAN) or ``all`` (every stage's image, resized
     bilinearly to the last stage's size, each term at weight λ; not in the paper) — a direct caption signal for
-    the first stage, whose own discriminator is otherwise all that teaches it the caption."""
+    the first stage, whose own discriminator is otherwise all that teaches it the caption. With
+    ``model.ca_noise=0 model.stage_grad=0`` the 32-px stage of ``shapes-quick`` draws caption-coloured objects
+    (judge colour 0.55 vs 0.04) but the last stage was no better after 1,000 steps (README)."""
     checkpoint_every: int = 200
     sample_every: int = 200
     log_every: int = 20
