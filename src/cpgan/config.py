@@ -349,6 +349,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.image_encoder": ("grid", "oaie"),
     "model.cond_disc": ("global", "fgcd"),
     "model.image_backbone": ("small", "inception"),
+    "gan.tiscl_stages": ("last", "all"),
 }
 
 

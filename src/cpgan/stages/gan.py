@@ -213,9 +213,7 @@ class Trainer:
         if self.d_swapper is not None and self.d_swapper.num_negatives != 1:
             raise ValueError("gan.d_hard_negatives: name one kind with one negative (shape or colour); D's "
                              "mismatched-caption term takes one caption per image")
-        if g.tiscl_stages not in ("last", "all"):
-            raise ValueError(f"gan.tiscl_stages must be 'last' (the paper) or 'all', got {g.tiscl_stages!r}")
-        last = cfg.model.branch_num - 1
+        last = cfg.model.branch_num - 1  # gan.tiscl_stages: "last" or "all" (checked with the config)
         self.tiscl_stage_ids = list(range(last + 1)) if g.tiscl_stages == "all" else [last]
         self.amp = resolve_amp(g.amp, self.device)
         if g.amp == "auto":
