@@ -392,14 +392,15 @@ class Trainer:
             for k, term in zip(self.tiscl_stage_ids[:-1], terms[:-1]):  # earlier stages: at the fixed λ
                 loss = loss + lam * term
                 logs[f"tiscl{k}"] = float(term.detach())
+            # ‖∂TISCL/∂Ĩ‖ at the last image, once: the cap and the diagnostics both use it (λ ≥ 0 scales it)
+            gx = _grad_norm(terms[-1], fakes[-1]) if (diagnose or g.tiscl_balance > 0) else 0.0
             if g.tiscl_balance > 0:  # cap λ by the adversarial gradient at the last image (not in the paper)
-                lam = balanced_weight(lam, g.tiscl_balance, logs[f"gx_adv{len(self.Dw) - 1}"],
-                                      _grad_norm(terms[-1], fakes[-1]))
+                lam = balanced_weight(lam, g.tiscl_balance, logs[f"gx_adv{len(self.Dw) - 1}"], gx)
                 logs["lambda_tiscl"] = lam
             loss = loss + lam * terms[-1]
             logs["tiscl"] = float(terms[-1].detach())
             if diagnose:
-                logs["gx_tiscl"] = _grad_norm(lam * terms[-1], fakes[-1])
+                logs["gx_tiscl"] = lam * gx
         self.opt_g.zero_grad(set_to_none=True)
         loss.backward()
         dist.average_gradients(self.G, self.info)
