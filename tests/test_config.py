@@ -27,6 +27,9 @@ def test_overrides_are_typed():
     assert cfg.gan.lr_g == pytest.approx(1e-3)
     assert cfg.data.root == "/tmp/x"
     assert parse_override("a.b=3") == ("a.b", 3)
+    # YAML 1.1 reads "2:30:1" as the base-60 integer 9001; a colon-separated value stays text
+    assert parse_override("gan.tiscl_anneal=2:30:1") == ("gan.tiscl_anneal", "2:30:1")
+    assert load_config("shapes-quick", ["gan.tiscl_anneal=2:30:1"]).gan.tiscl_anneal == "2:30:1"
 
 
 def test_typo_names_nearest_key():

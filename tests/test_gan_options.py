@@ -108,3 +108,18 @@ def test_tiscl_warmup_ramps_linearly():
 
     assert [tiscl_weight(10.0, 4, t) for t in range(6)] == [0.0, 2.5, 5.0, 7.5, 10.0, 10.0]
     assert tiscl_weight(10.0, 0, 0) == 10.0
+
+
+def test_tiscl_anneal_falls_linearly_then_holds():
+    from cpgan.stages.gan import parse_anneal, tiscl_weight
+
+    a = parse_anneal("2:6:2")
+    assert a == (2, 6, 2.0) and parse_anneal("") is None
+    # hand-computed: 10 until step 2, then 10 - 8 * (t - 2) / 4, then 2
+    assert [tiscl_weight(10.0, 0, t, a) for t in range(9)] == [10.0, 10.0, 10.0, 8.0, 6.0, 4.0, 2.0, 2.0, 2.0]
+    # after a warm-up 0 -> 10 over 4 steps, the anneal starts from the warmed-up value
+    assert [tiscl_weight(10.0, 4, t, parse_anneal("4:5:0")) for t in range(7)] == [0.0, 2.5, 5.0, 7.5, 10.0, 0.0, 0.0]
+    assert tiscl_weight(10.0, 0, 7, parse_anneal("3:3:1.5")) == 1.5
+    for bad in ("1:2", "a:b:c", "5:2:1", "1:2:-1"):
+        with pytest.raises(ValueError, match="gan.tiscl_anneal"):
+            parse_anneal(bad)

@@ -255,6 +255,11 @@ class GanConfig:
     """Steps over which the TISCL weight ramps linearly from 0 to ``lambda_tiscl`` (0 = the full weight from
     the first step, as the paper). Not in the paper: lets the adversarial terms shape backgrounds and layout
     before the DAMSM term pulls colours in."""
+    tiscl_anneal: str = field(default="", metadata=HASH_NEUTRAL)
+    """``START:END:FINAL`` — λ of TISCL falls linearly from ``lambda_tiscl`` at step START to FINAL at step END
+    and stays there (empty = the fixed λ of the paper). Not in the paper: a large λ teaches colours and
+    backgrounds fast, but G then pleases the frozen DAMSM with patterns the discriminators would reject; a
+    smaller λ late in training gives the adversarial terms the say over how objects look."""
     kl_weight: float = 1.0
     ema_decay: float = 0.999
     """EMA of the generator weights used for sampling (0 = off)."""
@@ -468,6 +473,8 @@ def parse_override(text: str) -> tuple[str, Any]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
+    if isinstance(value, (int, float)) and ":" in raw:  # YAML 1.1 base-60 numbers ("1:30" = 90): keep the text
+        value = raw.strip()
     return key.strip(), value
 
 

@@ -115,9 +115,30 @@ def _grad_norm(loss: torch.Tensor, x: torch.Tensor) -> float:
     return float(gx.float().norm())
 
 
-def tiscl_weight(lam: float, warmup: int, step: int) -> float:
-    """λ of TISCL at (0-based) ``step``: ``lam * min(1, step / warmup)``; ``warmup`` 0 = ``lam`` throughout."""
-    return lam if warmup <= 0 else lam * min(1.0, step / warmup)
+def parse_anneal(spec: str) -> tuple[int, int, float] | None:
+    """``gan.tiscl_anneal`` ``"START:END:FINAL"`` -> ``(START, END, FINAL)``; empty -> None."""
+    if not spec:
+        return None
+    try:
+        a, b, c = spec.split(":")
+        start, end, final = int(a), int(b), float(c)
+    except ValueError:
+        raise ValueError(f"gan.tiscl_anneal={spec!r}: expected START:END:FINAL, e.g. 600:1200:2") from None
+    if start < 0 or end < start or final < 0:
+        raise ValueError(f"gan.tiscl_anneal={spec!r}: need 0 <= START <= END and FINAL >= 0")
+    return start, end, final
+
+
+def tiscl_weight(lam: float, warmup: int, step: int, anneal: tuple[int, int, float] | None = None) -> float:
+    """λ of TISCL at (0-based) ``step``: ``lam * min(1, step / warmup)`` (``warmup`` 0 = ``lam`` throughout),
+    then, with ``anneal = (start, end, final)`` (``gan.tiscl_anneal``), linearly from that value at ``start``
+    to ``final`` at ``end`` and ``final`` after it."""
+    w = lam if warmup <= 0 else lam * min(1.0, step / warmup)
+    if anneal is None or step <= anneal[0]:
+        return w
+    start, end, final = anneal
+    t = 1.0 if step >= end else (step - start) / (end - start)
+    return w + t * (final - w)
 
 
 def balanced_weight(lam: float, balance: float, adv_norm: float, tiscl_norm: float) -> float:
@@ -206,6 +227,7 @@ class Trainer:
         self.step, self.spent, self.history = 0, 0.0, []
         self.augment = parse_policy(g.augment)
         self.tiscl_augment = parse_policy(g.tiscl_augment, "gan.tiscl_augment")
+        self.tiscl_anneal = parse_anneal(g.tiscl_anneal)
         self.tiscl_swapper = make_swapper(g.tiscl_hard_negatives, "gan.tiscl_hard_negatives",
                                           self.vocab.word2id, cfg.data.source)
         self.d_swapper = make_swapper(g.d_hard_negatives, "gan.d_hard_negatives", self.vocab.word2id,
@@ -373,7 +395,9 @@ class Trainer:
                 logs[f"gx_adv{i}"] = _grad_norm(out["loss"], fakes[i])
         kl = kl_loss(mu.float(), logvar.float())
         loss = loss + g.kl_weight * kl
-        lam = tiscl_weight(g.lambda_tiscl, g.tiscl_warmup, self.step)
+        lam = tiscl_weight(g.lambda_tiscl, g.tiscl_warmup, self.step, self.tiscl_anneal)
+        if self.tiscl_anneal is not None:
+            logs["lambda_tiscl"] = lam
         if lam > 0:
             feats = []  # gan.tiscl_stages: the scored stages, the last one last (its draws as with "last")
             for k in self.tiscl_stage_ids:
