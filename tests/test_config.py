@@ -32,6 +32,13 @@ def test_overrides_are_typed():
     assert load_config("shapes-quick", ["gan.tiscl_anneal=2:30:1"]).gan.tiscl_anneal == "2:30:1"
 
 
+def test_config_file_keeps_colon_values_as_text(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("gan:\n  tiscl_anneal: 2:30:1\n  lr_g: 1.0e-3\n  batch_size: 8\n")
+    cfg = load_config(str(f))
+    assert cfg.gan.tiscl_anneal == "2:30:1" and cfg.gan.lr_g == pytest.approx(1e-3) and cfg.gan.batch_size == 8
+
+
 def test_typo_names_nearest_key():
     with pytest.raises(ConfigError, match="did you mean 'gan.batch_size'"):
         load_config("shapes-quick", ["gan.batch_sze=8"])

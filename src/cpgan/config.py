@@ -464,17 +464,35 @@ def get_key(cfg: Config, key: str) -> Any:
     return obj
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader without YAML 1.1 base-60 numbers: ``2:30:1`` stays the text it looks like
+    (``gan.tiscl_anneal``), where ``safe_load`` would read the integer 9001."""
+
+
+def _number_or_text(construct):
+    def build(loader, node):
+        return node.value if ":" in node.value else construct(loader, node)
+    return build
+
+
+_Loader.add_constructor("tag:yaml.org,2002:int", _number_or_text(yaml.SafeLoader.construct_yaml_int))
+_Loader.add_constructor("tag:yaml.org,2002:float", _number_or_text(yaml.SafeLoader.construct_yaml_float))
+
+
+def _yaml_load(text: str) -> Any:
+    """``yaml.safe_load`` for config files and ``--set`` values, minus base-60 numbers (:class:`_Loader`)."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """``'gan.batch_size=8'`` -> ``('gan.batch_size', 8)`` (the value is parsed as YAML)."""
     if "=" not in text:
         raise ConfigError(f"override '{text}' must look like key=value, e.g. gan.batch_size=8")
     key, raw = text.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = _yaml_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
-    if isinstance(value, (int, float)) and ":" in raw:  # YAML 1.1 base-60 numbers ("1:30" = 90): keep the text
-        value = raw.strip()
     return key.strip(), value
 
 
@@ -500,7 +518,7 @@ def list_presets() -> list[str]:
 
 def _read_yaml(path: Path) -> dict:
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = _yaml_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({e.__class__.__name__}: {str(e).splitlines()[0]})") from None
     if not isinstance(data, dict):
