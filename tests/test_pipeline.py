@@ -399,3 +399,41 @@ def test_tiscl_on_every_stage(plain_run, tmp_path):
     assert b["tiscl0"] == pytest.approx(float(ref), rel=1e-4)
     with pytest.raises(ValueError, match="gan.tiscl_stages"):
         _trainer(plain_run, tmp_path / "c", "gan.tiscl_stages=first")
+
+
+def test_tiscl_averages_augmented_views(plain_run, tmp_path):
+    """gan.tiscl_views=3: TISCL is the mean of the DAMSM losses of three translated views of the final fake,
+    each encoded on its own here (the step encodes them as one batch) with the step's random draws."""
+    from cpgan.diffaug import augment
+    from cpgan.losses import damsm_loss
+
+    opts = ("gan.amp=", "gan.tiscl_augment=translation", "gan.tiscl_hard_negatives=", "gan.lambda_tiscl=2.0")
+    tr = _trainer(plain_run, tmp_path / "a", *opts, "gan.tiscl_views=3")
+    batch = next(iter(gan_stage.make_loader(tr.ds, 4, seed=0, start_step=0, num_workers=0, rank=0, world=1)))
+    cfg = tr.cfg
+    caps, lens = batch["captions"], batch["lengths"]
+    gen = gan_stage.step_generator(cfg.gan.seed, tr.step)
+    z = gan_stage.truncated_noise(4, cfg.model.z_dim, None, generator=gen)
+    eps = torch.randn(4, cfg.model.condition_dim, generator=gen)
+    cls = batch["class_ids"] if bool((batch["class_ids"] >= 0).all()) else None
+    with torch.no_grad():
+        words, sent, _ = tr._text(caps, lens)
+        fake = tr.G(z, sent, words, gan_stage.padding_mask(caps), eps)[0][-1]
+        views = [augment(fake, ("translation",), gen) for _ in range(3)]
+        losses = []
+        for v in views:
+            f = tr.enc.encode_images(v)
+            losses.append(float(damsm_loss(f.regions, f.global_features, words, sent, lens, class_ids=cls,
+                                           region_mask=f.region_mask, gamma1=cfg.damsm.gamma1,
+                                           gamma2=cfg.damsm.gamma2, gamma3=cfg.damsm.gamma3)["loss"]))
+    assert not torch.equal(views[0], views[1])
+    logs = tr.train_step(batch)
+    # the views' losses differ by ~1e-4 relative at this untrained G; batched vs one-by-one agree to ~1e-8
+    assert max(losses) - min(losses) > 1e-4
+    assert logs["tiscl"] == pytest.approx(sum(losses) / 3, rel=2e-6)
+    assert logs["g_loss"] == pytest.approx(logs["g_adv"] + logs["kl"] * cfg.gan.kl_weight + 2.0 * logs["tiscl"],
+                                           rel=1e-5)
+    with pytest.raises(ValueError, match="gan.tiscl_views must be at least 1"):
+        _trainer(plain_run, tmp_path / "b", *opts, "gan.tiscl_views=0")
+    with pytest.raises(ValueError, match="needs a random gan.tiscl_augment"):
+        _trainer(plain_run, tmp_path / "c", "gan.tiscl_views=2", "gan.tiscl_augment=")

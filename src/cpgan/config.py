@@ -283,6 +283,12 @@ class GanConfig:
     """DiffAugment policy (as ``augment``) applied to the generated image before the DAMSM image encoder in
     TISCL — an expectation over transformations, so G cannot please the encoder with pixel-exact patterns.
     Empty = off (the paper)."""
+    tiscl_views: int = field(default=1, metadata=HASH_NEUTRAL)
+    """Independently augmented views (``tiscl_augment``) of each generated image that TISCL averages over
+    (1 = one view; not in the paper). Each view gets its own DAMSM loss (the batch's other captions stay the
+    negatives), and the mean is the TISCL term: a lower-variance expectation over transformations, as CLIP
+    guidance averages many augmented crops so that the generator draws the object rather than a pattern that
+    pleases the encoder at one position. The views go through the image encoder as one batch."""
     tiscl_hard_negatives: str = field(default="", metadata=HASH_NEUTRAL)
     """Word-swap hard negatives in TISCL (as ``damsm.hard_negatives``; not in the paper): the generated image
     must match its caption better than the caption with one shape (colour) word swapped; ``shape:7`` = against

@@ -37,6 +37,7 @@ from ..gan_losses import d_hinge_loss, g_hinge_loss, kl_loss
 from ..losses import damsm_loss
 from ..negatives import encode_hard_negatives, make_swapper
 from ..models.discriminator import D_NET
+from ..models.image_encoder import ImageFeatures
 from ..models.generator import G_NET, init_weights_attngan, truncated_noise
 from ..utils import distributed as dist
 from ..utils.checkpoint import load_state, save_state, save_weights
@@ -141,6 +142,14 @@ def tiscl_weight(lam: float, warmup: int, step: int, anneal: tuple[int, int, flo
     return w + t * (final - w)
 
 
+def split_views(f: ImageFeatures, views: int) -> list[ImageFeatures]:
+    """Image features of ``views`` stacked batches ``(V*B, ...)`` -> one :class:`ImageFeatures` per view."""
+    if views == 1:
+        return [f]
+    mask = f.region_mask.chunk(views) if f.region_mask is not None else [None] * views
+    return [ImageFeatures(r, gl, m) for r, gl, m in zip(f.regions.chunk(views), f.global_features.chunk(views), mask)]
+
+
 def balanced_weight(lam: float, balance: float, adv_norm: float, tiscl_norm: float) -> float:
     """``gan.tiscl_balance``: λ capped so that ‖∂(λ·TISCL)/∂Ĩ‖ ≤ balance · ‖∂L_adv/∂Ĩ‖ at the last stage image.
 
@@ -228,6 +237,11 @@ class Trainer:
         self.augment = parse_policy(g.augment)
         self.tiscl_augment = parse_policy(g.tiscl_augment, "gan.tiscl_augment")
         self.tiscl_anneal = parse_anneal(g.tiscl_anneal)
+        if g.tiscl_views < 1:
+            raise ValueError(f"gan.tiscl_views must be at least 1 (one view = the paper), got {g.tiscl_views}")
+        if g.tiscl_views > 1 and not any(p in self.tiscl_augment for p in ("translation", "cutout")):
+            raise ValueError(f"gan.tiscl_views={g.tiscl_views} needs a random gan.tiscl_augment (translation or "
+                             "cutout): without it every view is the same image")
         self.tiscl_swapper = make_swapper(g.tiscl_hard_negatives, "gan.tiscl_hard_negatives",
                                           self.vocab.word2id, cfg.data.source)
         self.d_swapper = make_swapper(g.d_hard_negatives, "gan.d_hard_negatives", self.vocab.word2id,
@@ -403,16 +417,19 @@ class Trainer:
             for k in self.tiscl_stage_ids:
                 img = fakes[k] if k == len(fakes) - 1 else F.interpolate(
                     fakes[k], size=fakes[-1].shape[-2:], mode="bilinear", align_corners=False)
+                # gan.tiscl_views: V augmented views, one encoder batch (V, B) flattened; one view = the paper's
+                views = [augment(img, self.tiscl_augment, gen) for _ in range(g.tiscl_views)]
                 with self.autocast():
-                    feats.append(self.enc.encode_images(augment(img, self.tiscl_augment, gen)))
+                    feats.append(self.enc.encode_images(views[0] if len(views) == 1 else torch.cat(views)))
             cls = batch["class_ids"].to(dev) if bool((batch["class_ids"] >= 0).all()) else None
             hard = None
             if self.tiscl_swapper is not None:  # gan.tiscl_hard_negatives (drawn last: the other draws stay)
                 with torch.no_grad():
                     hard = encode_hard_negatives(self.enc.encode_text, self.tiscl_swapper, caps, lens, gen)
-            terms = [damsm_loss(f.regions.float(), f.global_features.float(), words, sent, lens, class_ids=cls,
-                                region_mask=f.region_mask, gamma1=cfg.damsm.gamma1, gamma2=cfg.damsm.gamma2,
-                                gamma3=cfg.damsm.gamma3, hard=hard)["loss"] for f in feats]
+            terms = [torch.stack([damsm_loss(v.regions.float(), v.global_features.float(), words, sent, lens,
+                                             class_ids=cls, region_mask=v.region_mask, gamma1=cfg.damsm.gamma1,
+                                             gamma2=cfg.damsm.gamma2, gamma3=cfg.damsm.gamma3, hard=hard)["loss"]
+                                  for v in split_views(f, g.tiscl_views)]).mean() for f in feats]
             for k, term in zip(self.tiscl_stage_ids[:-1], terms[:-1]):  # earlier stages: at the fixed λ
                 loss = loss + lam * term
                 logs[f"tiscl{k}"] = float(term.detach())
