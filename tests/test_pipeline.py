@@ -368,6 +368,20 @@ def test_d_hard_negatives_feed_swapped_own_captions(plain_run, tmp_path):
         _trainer(plain_run, tmp_path / "c", "gan.d_hard_negatives=shape,colour")
 
 
+def _first_step_by_hand(tr, batch):
+    """The step's per-step generator after G's draws, the text features and the stage images that
+    ``tr.train_step(batch)`` will produce (the same noise and G)."""
+    cfg = tr.cfg
+    B = batch["captions"].shape[0]
+    gen = gan_stage.step_generator(cfg.gan.seed, tr.step)
+    z = gan_stage.truncated_noise(B, cfg.model.z_dim, None, generator=gen)
+    eps = torch.randn(B, cfg.model.condition_dim, generator=gen)
+    with torch.no_grad():
+        words, sent, mask = tr._text(batch["captions"], batch["lengths"])
+        fakes = tr.G(z, sent, words, mask, eps)[0]
+    return gen, words, sent, fakes
+
+
 def test_tiscl_on_every_stage(plain_run, tmp_path):
     """gan.tiscl_stages=all: the first step's G loss is the paper's plus λ times the DAMSM loss of the first
     stage's image resized to the last stage's size (recomputed here from the same noise and G)."""
@@ -380,13 +394,9 @@ def test_tiscl_on_every_stage(plain_run, tmp_path):
     batch = next(iter(gan_stage.make_loader(last.ds, 4, seed=0, start_step=0, num_workers=0, rank=0, world=1)))
     # the first stage's image as the step will draw it, and its TISCL by hand
     cfg = every.cfg
-    caps, lens = batch["captions"], batch["lengths"]
-    gen = gan_stage.step_generator(cfg.gan.seed, every.step)
-    z = gan_stage.truncated_noise(4, cfg.model.z_dim, None, generator=gen)
-    eps = torch.randn(4, cfg.model.condition_dim, generator=gen)
+    lens = batch["lengths"]
+    _, words, sent, fakes = _first_step_by_hand(every, batch)
     with torch.no_grad():
-        words, sent, mask = every._text(caps, lens)
-        fakes = every.G(z, sent, words, mask, eps)[0]
         up = torch.nn.functional.interpolate(fakes[0], size=fakes[1].shape[-2:], mode="bilinear", align_corners=False)
         f = every.enc.encode_images(up)
         ref = damsm_loss(f.regions, f.global_features, words, sent, lens,
@@ -410,15 +420,11 @@ def test_tiscl_averages_augmented_views(plain_run, tmp_path):
     opts = ("gan.amp=", "gan.tiscl_augment=translation", "gan.tiscl_hard_negatives=", "gan.lambda_tiscl=2.0")
     tr = _trainer(plain_run, tmp_path / "a", *opts, "gan.tiscl_views=3")
     batch = next(iter(gan_stage.make_loader(tr.ds, 4, seed=0, start_step=0, num_workers=0, rank=0, world=1)))
-    cfg = tr.cfg
-    caps, lens = batch["captions"], batch["lengths"]
-    gen = gan_stage.step_generator(cfg.gan.seed, tr.step)
-    z = gan_stage.truncated_noise(4, cfg.model.z_dim, None, generator=gen)
-    eps = torch.randn(4, cfg.model.condition_dim, generator=gen)
+    cfg, lens = tr.cfg, batch["lengths"]
+    gen, words, sent, fakes = _first_step_by_hand(tr, batch)
     cls = batch["class_ids"] if bool((batch["class_ids"] >= 0).all()) else None
+    fake = fakes[-1]
     with torch.no_grad():
-        words, sent, _ = tr._text(caps, lens)
-        fake = tr.G(z, sent, words, gan_stage.padding_mask(caps), eps)[0][-1]
         views = [augment(fake, ("translation",), gen) for _ in range(3)]
         losses = []
         for v in views:
