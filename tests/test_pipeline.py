@@ -195,7 +195,7 @@ def test_standing_statistics_of_the_ema_generator(plain_run, tmp_path):
 
 def test_tiscl_sees_the_augmented_generated_image(plain_run, tmp_path, monkeypatch):
     """gan.tiscl_augment: the DAMSM image encoder in TISCL gets the final-stage fake after the policy's transform."""
-    tr = _trainer(plain_run, tmp_path, "gan.tiscl_augment=translation")
+    tr = _trainer(plain_run, tmp_path, "gan.tiscl_augment=translation", "gan.tiscl_views=1")
     calls, seen = [], []
     real_augment = gan_stage.augment
 
@@ -387,7 +387,8 @@ def test_tiscl_on_every_stage(plain_run, tmp_path):
     stage's image resized to the last stage's size (recomputed here from the same noise and G)."""
     from cpgan.losses import damsm_loss
 
-    opts = ("gan.amp=", "gan.tiscl_augment=", "gan.tiscl_hard_negatives=", "gan.lambda_tiscl=3.0")
+    opts = ("gan.amp=", "gan.tiscl_augment=", "gan.tiscl_views=1", "gan.tiscl_hard_negatives=",
+            "gan.lambda_tiscl=3.0")
     last = _trainer(plain_run, tmp_path / "a", *opts)
     every = _trainer(plain_run, tmp_path / "b", *opts, "gan.tiscl_stages=all")
     assert every.tiscl_stage_ids == [0, 1] and last.tiscl_stage_ids == [1]

@@ -241,7 +241,7 @@ class Trainer:
             raise ValueError(f"gan.tiscl_views must be at least 1 (one view = the paper), got {g.tiscl_views}")
         if g.tiscl_views > 1 and not any(p in self.tiscl_augment for p in ("translation", "cutout")):
             raise ValueError(f"gan.tiscl_views={g.tiscl_views} needs a random gan.tiscl_augment (translation or "
-                             "cutout): without it every view is the same image")
+                             "cutout): without it every view is the same image; set gan.tiscl_views=1 with it off")
         self.tiscl_swapper = make_swapper(g.tiscl_hard_negatives, "gan.tiscl_hard_negatives",
                                           self.vocab.word2id, cfg.data.source)
         self.d_swapper = make_swapper(g.d_hard_negatives, "gan.d_hard_negatives", self.vocab.word2id,
