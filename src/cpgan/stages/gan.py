@@ -417,7 +417,7 @@ class Trainer:
             for k in self.tiscl_stage_ids:
                 img = fakes[k] if k == len(fakes) - 1 else F.interpolate(
                     fakes[k], size=fakes[-1].shape[-2:], mode="bilinear", align_corners=False)
-                # gan.tiscl_views: V augmented views, one encoder batch (V, B) flattened; one view = the paper's
+                # gan.tiscl_views: V augmented views as one encoder batch of V*B images (V = 1: the single view)
                 views = [augment(img, self.tiscl_augment, gen) for _ in range(g.tiscl_views)]
                 with self.autocast():
                     feats.append(self.enc.encode_images(views[0] if len(views) == 1 else torch.cat(views)))
