@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 POLICIES = ("translation", "cutout", "lowpass")
+#: the policies that draw random numbers (``lowpass`` is deterministic)
+RANDOM_POLICIES = ("translation", "cutout")
 
 
 def parse_policy(text: str, key: str = "gan.augment") -> tuple[str, ...]:

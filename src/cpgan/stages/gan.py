@@ -32,7 +32,7 @@ from PIL import Image
 from .. import build
 from ..config import Config
 from ..data.dataset import CaptionDataset, collate, load_split, load_vocab, make_loader, stage_sizes
-from ..diffaug import augment, parse_policy
+from ..diffaug import RANDOM_POLICIES, augment, parse_policy
 from ..gan_losses import d_hinge_loss, g_hinge_loss, kl_loss
 from ..losses import damsm_loss
 from ..negatives import encode_hard_negatives, make_swapper
@@ -239,7 +239,7 @@ class Trainer:
         self.tiscl_anneal = parse_anneal(g.tiscl_anneal)
         if g.tiscl_views < 1:
             raise ValueError(f"gan.tiscl_views must be at least 1 (one view = the paper), got {g.tiscl_views}")
-        if g.tiscl_views > 1 and not any(p in self.tiscl_augment for p in ("translation", "cutout")):
+        if g.tiscl_views > 1 and not set(self.tiscl_augment) & set(RANDOM_POLICIES):
             raise ValueError(f"gan.tiscl_views={g.tiscl_views} needs a random gan.tiscl_augment (translation or "
                              "cutout): without it every view is the same image; set gan.tiscl_views=1 with it off")
         self.tiscl_swapper = make_swapper(g.tiscl_hard_negatives, "gan.tiscl_hard_negatives",
