@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from cpgan.diffaug import augment, cutout, lowpass, parse_policy, translate
+from cpgan.diffaug import NOISE_STD, ZOOM_MIN, augment, cutout, lowpass, parse_policy, translate, zoom
 
 
 def _translate_loop(x, shifts):
@@ -75,6 +75,64 @@ def test_lowpass_matches_loop_and_removes_the_finest_pattern():
     assert torch.equal(augment(x, parse_policy("lowpass")), lowpass(x))
     with pytest.raises(ValueError, match="even image size"):
         lowpass(torch.zeros(1, 3, 7, 8))
+
+
+def _zoom_loop(x, sides, corners):
+    """Bilinear sampling by hand at y = y0 + (i + 1/2) h / H - 1/2 (and x alike), clamped to the image."""
+    B, C, H, W = x.shape
+    out = torch.zeros_like(x)
+
+    def coord(o, n, start, side):
+        src = min(max(start + (o + 0.5) * side / n - 0.5, 0.0), n - 1)
+        lo = min(int(src), n - 1)
+        return lo, min(lo + 1, n - 1), src - lo
+
+    for b in range(B):
+        h, w = float(sides[b, 0]), float(sides[b, 1])
+        y0, x0 = float(corners[b, 0]), float(corners[b, 1])
+        for i in range(H):
+            i0, i1, fy = coord(i, H, y0, h)
+            for j in range(W):
+                j0, j1, fx = coord(j, W, x0, w)
+                g = x[b]
+                out[b, :, i, j] = ((1 - fy) * ((1 - fx) * g[:, i0, j0] + fx * g[:, i0, j1])
+                                   + fy * ((1 - fx) * g[:, i1, j0] + fx * g[:, i1, j1]))
+    return out
+
+
+def test_zoom_matches_loop():
+    x = torch.randn(4, 3, 8, 6, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    sides = torch.tensor([[8.0, 6.0], [6.0, 4.5], [4.0, 3.0], [7.2, 5.1]], dtype=torch.float64)
+    corners = torch.tensor([[0.0, 0.0], [2.0, 1.5], [1.0, 0.0], [0.3, 0.9]], dtype=torch.float64)
+    out = zoom(x, sides, corners)
+    torch.testing.assert_close(out, _zoom_loop(x, sides, corners), rtol=1e-10, atol=1e-10)
+    assert torch.allclose(out[0], x[0], atol=1e-12)  # the whole image: identity
+    # an integer half-size crop resized back equals F.interpolate of the crop (the same half-pixel convention)
+    crop = x[2:3, :, 1:5, 0:3]
+    ref = torch.nn.functional.interpolate(crop, size=(8, 6), mode="bilinear", align_corners=False)
+    interior = (slice(None), slice(None), slice(1, 7), slice(1, 5))  # the edges differ: clamped to crop vs image
+    torch.testing.assert_close(out[2:3][interior], ref[interior], rtol=1e-10, atol=1e-10)
+
+
+def test_zoom_and_noise_policies_draw_their_parameters():
+    x = torch.randn(64, 3, 16, 16, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    # noise: x + std * N(0, 1), the normal draw being the generator's next one
+    y = augment(x, parse_policy("noise:0.3"), torch.Generator().manual_seed(6))
+    expected = x + 0.3 * torch.randn(x.shape, generator=torch.Generator().manual_seed(6)).double()
+    torch.testing.assert_close(y, expected, rtol=0, atol=1e-7)
+    y = augment(x, parse_policy("noise"), torch.Generator().manual_seed(6))
+    torch.testing.assert_close(y, x + NOISE_STD * (expected - x) / 0.3, rtol=0, atol=1e-7)
+    # zoom: the crop side f * 16 with f ~ U[ZOOM_MIN, 1] drawn first, then the corner inside the image
+    g = torch.Generator().manual_seed(7)
+    f = ZOOM_MIN + (1 - ZOOM_MIN) * torch.rand(64, generator=g)
+    corner = torch.rand(64, 2, generator=g) * (16 - 16 * f[:, None])
+    y = augment(x, parse_policy("zoom"), torch.Generator().manual_seed(7))
+    sides = (16 * f[:, None]).expand(64, 2).double()
+    torch.testing.assert_close(y[:3], _zoom_loop(x[:3], sides[:3], corner[:3].double()), rtol=1e-6, atol=1e-6)
+    assert float(f.min()) >= ZOOM_MIN and float((corner + 16 * f[:, None]).max()) <= 16
+    for bad in ("noise:x", "noise:-1", "zoom:2", "translation:1"):
+        with pytest.raises(ValueError, match="only noise takes a parameter"):
+            parse_policy(bad)
 
 
 def test_augment_is_differentiable_and_reproducible():

@@ -277,8 +277,10 @@ class GanConfig:
     augment: str = ""
     """Differentiable augmentation of every image the discriminators see, real and generated alike
     (DiffAugment, Zhao et al. 2020; not in the paper): comma-separated of ``translation`` (shift by up to 1/8 of
-    the size, zero padding) and ``cutout`` (one zeroed square of half the size). Colour jitter is not offered:
-    the captions name colours. Empty = off (the paper)."""
+    the size, zero padding), ``cutout`` (one zeroed square of half the size), ``lowpass`` (2x2 mean, upsampled
+    back), ``zoom`` (a random crop of 3/4 to all of the side, resized back) and ``noise`` / ``noise:SIGMA``
+    (Gaussian pixel noise, default SIGMA 0.1); see ``cpgan.diffaug``. Colour jitter is not offered: the captions
+    name colours. Empty = off (the paper)."""
     tiscl_augment: str = field(default="", metadata=HASH_NEUTRAL)
     """DiffAugment policy (as ``augment``) applied to the generated image before the DAMSM image encoder in
     TISCL — an expectation over transformations, so G cannot please the encoder with pixel-exact patterns.

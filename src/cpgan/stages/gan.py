@@ -32,7 +32,7 @@ from PIL import Image
 from .. import build
 from ..config import Config
 from ..data.dataset import CaptionDataset, collate, load_split, load_vocab, make_loader, stage_sizes
-from ..diffaug import RANDOM_POLICIES, augment, parse_policy
+from ..diffaug import RANDOM_POLICIES, augment, parse_policy, policy_name
 from ..gan_losses import d_hinge_loss, g_hinge_loss, kl_loss
 from ..losses import damsm_loss
 from ..negatives import encode_hard_negatives, make_swapper
@@ -239,9 +239,10 @@ class Trainer:
         self.tiscl_anneal = parse_anneal(g.tiscl_anneal)
         if g.tiscl_views < 1:
             raise ValueError(f"gan.tiscl_views must be at least 1 (one view = the paper), got {g.tiscl_views}")
-        if g.tiscl_views > 1 and not set(self.tiscl_augment) & set(RANDOM_POLICIES):
-            raise ValueError(f"gan.tiscl_views={g.tiscl_views} needs a random gan.tiscl_augment (translation or "
-                             "cutout): without it every view is the same image; set gan.tiscl_views=1 with it off")
+        if g.tiscl_views > 1 and not {policy_name(n) for n in self.tiscl_augment} & set(RANDOM_POLICIES):
+            raise ValueError(f"gan.tiscl_views={g.tiscl_views} needs a random gan.tiscl_augment "
+                             f"({', '.join(RANDOM_POLICIES)}): without it every view is the same image; "
+                             "set gan.tiscl_views=1 with it off")
         self.tiscl_swapper = make_swapper(g.tiscl_hard_negatives, "gan.tiscl_hard_negatives",
                                           self.vocab.word2id, cfg.data.source)
         self.d_swapper = make_swapper(g.d_hard_negatives, "gan.d_hard_negatives", self.vocab.word2id,
