@@ -335,6 +335,38 @@ def test_damsm_hard_negatives_batch_loss(plain_run):
     assert again["loss"] == hard["loss"]
 
 
+def test_damsm_augment_batch_loss(plain_run):
+    """damsm.augment: the training loss of a batch is the DAMSM loss of the images augmented with the global RNG's
+    draws — recomputed here by hand (noise added directly, region features of the clean images) — and differs
+    from the clean loss."""
+    from cpgan import build
+    from cpgan.data.dataset import CaptionDataset, collate, load_split, load_vocab
+    from cpgan.losses import damsm_loss
+    from cpgan.stages.damsm import batch_loss, make_encoders
+
+    run_dir = plain_run[0]
+    cfg = _cfg(*PLAIN)
+    vocab = load_vocab(run_dir)
+    te, ie = build.load_damsm(cfg, run_dir, len(vocab), "cpu")
+    enc = make_encoders(cfg, run_dir, len(vocab), torch.device("cpu"), te, ie)
+    ds = CaptionDataset(load_split(run_dir, "train"), [cfg.data.image_size], cfg.damsm.words_num, train=False)
+    batch = collate([ds[i] for i in range(8)])
+    d = cfg.damsm
+    with torch.no_grad():
+        plain = batch_loss(enc, batch, "train", torch.device("cpu"), d)
+        torch.manual_seed(5)
+        noisy = batch_loss(enc, batch, "train", torch.device("cpu"), d, policy=("noise:0.3",))
+        torch.manual_seed(5)
+        x = batch["images"][-1] + 0.3 * torch.randn(batch["images"][-1].shape)
+        f = enc.encode_images(x, "train", batch["index"])
+        words, sent = enc.encode_text(batch["captions"], batch["lengths"])
+        cls = batch["class_ids"] if bool((batch["class_ids"] >= 0).all()) else None  # -1 = no class (AttnGAN)
+        ref = damsm_loss(f.regions, f.global_features, words, sent, batch["lengths"], class_ids=cls,
+                         region_mask=f.region_mask, gamma1=d.gamma1, gamma2=d.gamma2, gamma3=d.gamma3)
+    torch.testing.assert_close(noisy["loss"], ref["loss"], rtol=1e-6, atol=1e-6)
+    assert abs(float(noisy["loss"]) - float(plain["loss"])) > 1e-3
+
+
 def test_d_hard_negatives_feed_swapped_own_captions(plain_run, tmp_path):
     """gan.d_hard_negatives=shape: the captions encoded for D's mismatched term are the batch's own captions with
     exactly one shape word changed to another shape (same length); without it, another image's captions."""

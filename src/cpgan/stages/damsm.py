@@ -22,6 +22,7 @@ import torch
 from .. import build
 from ..config import Config
 from ..data.dataset import CaptionDataset, eval_batches, load_split, load_vocab, make_loader
+from ..diffaug import augment, parse_policy
 from ..encode import Encoders, store_lookup
 from ..losses import damsm_loss, paired_cosine, word_level_scores
 from ..negatives import KINDS, WordSwapper, encode_hard_negatives, make_swapper
@@ -67,13 +68,14 @@ def r_precision_real(enc: Encoders, ds: CaptionDataset, split: str, device: torc
 
 
 def batch_loss(enc: Encoders, batch: dict, split: str, device: torch.device, d,
-               swapper: WordSwapper | None = None) -> dict:
+               swapper: WordSwapper | None = None, policy: tuple[str, ...] = ()) -> dict:
     """DAMSM loss (suppl. eqs. (15)–(25)) of one collated batch of real pairs, with its attention maps.
 
-    ``swapper`` (``damsm.hard_negatives``) adds word-swap hard negatives, drawn from the global torch RNG
-    (saved with the training state, so a resumed run draws the same ones).
+    ``swapper`` (``damsm.hard_negatives``) adds word-swap hard negatives and ``policy`` (``damsm.augment``)
+    augments the images, both drawn from the global torch RNG (saved with the training state, so a resumed
+    run draws the same ones).
     """
-    x = batch["images"][-1].to(device)
+    x = augment(batch["images"][-1].to(device), policy)
     caps, lens = batch["captions"].to(device), batch["lengths"].to(device)
     words, sent = enc.encode_text(caps, lens)
     feats = enc.encode_images(x, split, batch["index"])
@@ -112,6 +114,7 @@ def run(cfg: Config, ctx: StageContext) -> dict:
     ds_test = CaptionDataset(test, [size], cfg.text.eval_words_num, train=False)
     enc = make_encoders(cfg, ctx.run_dir, len(vocab), device)
     swapper = make_swapper(d.hard_negatives, "damsm.hard_negatives", vocab.word2id, cfg.data.source)
+    policy = parse_policy(d.augment, "damsm.augment")
     if d.text_weights:
         from ..interop.official import load_official  # AttnGAN text_encoder*.pth
 
@@ -168,7 +171,7 @@ def run(cfg: Config, ctx: StageContext) -> dict:
             if ctx.stop_requested or deadline.expired():
                 stopped = True
                 break
-            out = batch_loss(enc, batch, "train", device, d, swapper)
+            out = batch_loss(enc, batch, "train", device, d, swapper, policy)
             opt.zero_grad(set_to_none=True)
             out["loss"].backward()
             torch.nn.utils.clip_grad_norm_(rnn_params, d.rnn_grad_clip)
