@@ -308,21 +308,27 @@ def test_tiscl_hard_negatives_add_to_the_loss(plain_run, tmp_path):
             assert 0.0 <= summary[f"swap_{kind}_{level}"] <= 1.0
 
 
-def test_damsm_hard_negatives_batch_loss(plain_run):
-    """damsm.hard_negatives: the DAMSM training loss of a batch gains the swapped captions' terms (image->caption
-    only), and the swaps come from the global RNG (same seed, same loss)."""
+def _damsm_batch(run_dir):
+    """The plain run's trained DAMSM encoders, its config and vocabulary, and a batch of 8 training pairs."""
     from cpgan import build
     from cpgan.data.dataset import CaptionDataset, collate, load_split, load_vocab
-    from cpgan.negatives import make_swapper
-    from cpgan.stages.damsm import batch_loss, make_encoders
+    from cpgan.stages.damsm import make_encoders
 
-    run_dir = plain_run[0]
     cfg = _cfg(*PLAIN)
     vocab = load_vocab(run_dir)
     te, ie = build.load_damsm(cfg, run_dir, len(vocab), "cpu")
     enc = make_encoders(cfg, run_dir, len(vocab), torch.device("cpu"), te, ie)
     ds = CaptionDataset(load_split(run_dir, "train"), [cfg.data.image_size], cfg.damsm.words_num, train=False)
-    batch = collate([ds[i] for i in range(8)])
+    return cfg, vocab, enc, collate([ds[i] for i in range(8)])
+
+
+def test_damsm_hard_negatives_batch_loss(plain_run):
+    """damsm.hard_negatives: the DAMSM training loss of a batch gains the swapped captions' terms (image->caption
+    only), and the swaps come from the global RNG (same seed, same loss)."""
+    from cpgan.negatives import make_swapper
+    from cpgan.stages.damsm import batch_loss
+
+    cfg, vocab, enc, batch = _damsm_batch(plain_run[0])
     sw = make_swapper("shape,colour", "damsm.hard_negatives", vocab.word2id, "shapes")
     with torch.no_grad():
         plain = batch_loss(enc, batch, "train", torch.device("cpu"), cfg.damsm)
@@ -339,18 +345,10 @@ def test_damsm_augment_batch_loss(plain_run):
     """damsm.augment: the training loss of a batch is the DAMSM loss of the images augmented with the global RNG's
     draws — recomputed here by hand (noise added directly, region features of the clean images) — and differs
     from the clean loss."""
-    from cpgan import build
-    from cpgan.data.dataset import CaptionDataset, collate, load_split, load_vocab
     from cpgan.losses import damsm_loss
-    from cpgan.stages.damsm import batch_loss, make_encoders
+    from cpgan.stages.damsm import batch_loss
 
-    run_dir = plain_run[0]
-    cfg = _cfg(*PLAIN)
-    vocab = load_vocab(run_dir)
-    te, ie = build.load_damsm(cfg, run_dir, len(vocab), "cpu")
-    enc = make_encoders(cfg, run_dir, len(vocab), torch.device("cpu"), te, ie)
-    ds = CaptionDataset(load_split(run_dir, "train"), [cfg.data.image_size], cfg.damsm.words_num, train=False)
-    batch = collate([ds[i] for i in range(8)])
+    cfg, _, enc, batch = _damsm_batch(plain_run[0])
     d = cfg.damsm
     with torch.no_grad():
         plain = batch_loss(enc, batch, "train", torch.device("cpu"), d)
