@@ -1,4 +1,5 @@
-"""Differentiable augmentation for the discriminators (DiffAugment, Zhao et al., NeurIPS 2020).
+"""Differentiable augmentation for the discriminators (DiffAugment, Zhao et al., NeurIPS 2020), TISCL's views
+of the generated image and the DAMSM's training images.
 
 Not part of CPGAN: an option (``gan.augment``) for short runs, where the discriminators see few images.
 Every image D looks at — real, generated for D's step and generated for G's step — passes through the same
@@ -17,7 +18,9 @@ random family of transforms; they are differentiable in the image, so G's gradie
   gradient carries less of the pixel-scale directions a small encoder is fooled by (randomised smoothing).
 
 No colour transforms: the captions name colours and D must see them as they are. Randomness comes from the
-``torch.Generator`` the caller passes (the GAN stage's per-step generator), so a resumed run repeats it.
+``torch.Generator`` the caller passes (the GAN stage's per-step generator), or from the global torch RNG when
+it passes none (``damsm.augment``, whose RNG state is saved with the DAMSM's training state), so a resumed run
+repeats it.
 """
 from __future__ import annotations
 
@@ -135,6 +138,6 @@ def augment(x: Tensor, policy: tuple[str, ...], generator: torch.Generator | Non
             corners = torch.rand(B, 2, generator=generator) * (torch.tensor([H, W]) - sides)
             x = zoom(x, sides.to(x.device, x.dtype), corners.to(x.device, x.dtype))
         elif policy_name(name) == "noise":
-            std = float(name.partition(":")[2] or NOISE_STD)
+            std = float(name.partition(":")[2] or NOISE_STD)  # parse_policy checked the number
             x = x + std * torch.randn(x.shape, generator=generator).to(x.device, x.dtype)
     return x
