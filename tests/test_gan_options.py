@@ -135,6 +135,18 @@ def test_zoom_and_noise_policies_draw_their_parameters():
             parse_policy(bad)
 
 
+def test_translation_then_noise_as_in_the_preset():
+    """``shapes-quick``'s TISCL views (``translation,noise:0.1``): the shift drawn first, translated (zero padded),
+    then noise of std 0.1 from the generator's next normal draws, added to the shifted image (padding included)."""
+    x = torch.randn(5, 3, 16, 16, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    y = augment(x, parse_policy("translation,noise:0.1"), torch.Generator().manual_seed(9))
+    g = torch.Generator().manual_seed(9)
+    shifts = torch.randint(-2, 3, (5, 2), generator=g)  # |shift| <= 16 // 8
+    expected = _translate_loop(x, shifts) + 0.1 * torch.randn(x.shape, generator=g).double()
+    torch.testing.assert_close(y, expected, rtol=0, atol=1e-7)
+    assert float((expected - _translate_loop(x, shifts)).std()) == pytest.approx(0.1, rel=0.1)
+
+
 def test_augment_is_differentiable_and_reproducible():
     x = torch.randn(3, 3, 16, 16, requires_grad=True)
     y1 = augment(x, parse_policy("translation,cutout"), torch.Generator().manual_seed(5))
